@@ -1,0 +1,31 @@
+# Two entry points (see README.md): `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STUDY ?= studies/protocol_ablation.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make reruns instant; they are redone when pyproject.toml changes.
+$(VENV)/.setup: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.setup
+
+run: setup
+	$(PY) -m orchestrator run $(STUDY)
+
+test: $(VENV)/.setup-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf results .pytest_cache

@@ -1,0 +1,200 @@
+"""Executors and the driver loop.
+
+The driver walks the stage graph: a node is submitted once everything it
+depends on has finished; each finished post-evaluation is committed to the DB at
+once (the driver is the only writer). Two executors share one interface: Ray
+tasks on a local or remote cluster, and an in-process one for debugging that
+gives identical numbers (same code, same seeds, same thread count).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .plan import Node, Plan
+from .spec import Resources
+from .jobs import run_node
+
+
+@dataclass
+class Outcome:
+    node: Node
+    result: dict[str, Any] | None = None
+    error: str | None = None  # "Type: message"
+    traceback: str | None = None
+
+
+class LocalExecutor:
+    """Runs each job in the driver process, one at a time, when asked for the next result."""
+
+    name = "local"
+
+    def __init__(self, store_root: str):
+        self.store_root = store_root
+        self.queue: deque[tuple[Node, Resources]] = deque()
+
+    def submit(self, node: Node, resources: Resources) -> None:
+        self.queue.append((node, resources))
+
+    def inflight(self) -> int:
+        return len(self.queue)
+
+    def next_outcome(self) -> Outcome:
+        import torch
+
+        node, resources = self.queue.popleft()
+        threads = torch.get_num_threads()
+        try:
+            return Outcome(node, run_node(node.stage, node.key, node.payload, self.store_root, int(resources.cpus)))
+        except Exception as exc:
+            return Outcome(node, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        finally:
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+class RayExecutor:
+    """Ray tasks. Starts an embedded local instance (loopback, no dashboard, temp
+    files outside the repo) unless ``address`` names a running cluster."""
+
+    name = "ray"
+
+    def __init__(self, store_root: str, address: str | None = None, num_cpus: int | None = None,
+                 num_gpus: int | None = None):
+        import ray
+
+        self.ray = ray
+        self.store_root = store_root
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = address or os.environ.get("RAY_ADDRESS")
+        self.started = not ray.is_initialized()
+        if self.started:
+            if address:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+            else:
+                # The embedded instance listens on loopback only; token auth is
+                # only for real clusters.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(num_cpus=num_cpus or available_cpus(), num_gpus=num_gpus if num_gpus is not None else
+                         detect_gpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                         _temp_dir=os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"),
+                         logging_level="ERROR", log_to_driver=True)
+        self.remote = ray.remote(max_retries=0)(run_node)
+        self.pending: dict[Any, Node] = {}
+
+    def submit(self, node: Node, resources: Resources) -> None:
+        ref = self.remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(
+            node.stage, node.key, node.payload, self.store_root, max(1, int(resources.cpus)))
+        self.pending[ref] = node
+
+    def inflight(self) -> int:
+        return len(self.pending)
+
+    def next_outcome(self) -> Outcome:
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+        node = self.pending.pop(ready[0])
+        try:
+            return Outcome(node, self.ray.get(ready[0]))
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            return Outcome(node, error=f"{type(cause).__name__}: {cause}", traceback=str(exc))
+        except self.ray.exceptions.RayError as exc:  # worker died, node lost, ...
+            return Outcome(node, error=f"{type(exc).__name__}: {exc}", traceback=str(exc))
+
+    def close(self) -> None:
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        self.pending.clear()
+        if self.started:
+            self.ray.shutdown()
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def detect_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def execute(plan: Plan, executor, resources: Resources, on_outcome: Callable[[Outcome], None]) -> None:
+    """Run every non-cached node of ``plan`` in dependency order."""
+    done = {nid for nid, n in plan.nodes.items() if n.cached}
+    failed: set[str] = set()
+    waiting = {nid: set(n.deps) - done for nid, n in plan.nodes.items() if not n.cached}
+    dependents: dict[str, list[str]] = {}
+    for nid in waiting:
+        for dep in plan.nodes[nid].deps:
+            dependents.setdefault(dep, []).append(nid)
+
+    def release(nid: str) -> None:
+        for child in dependents.get(nid, []):
+            waiting[child].discard(nid)
+            if not waiting[child] and child not in failed:
+                executor.submit(plan.nodes[child], resources)
+
+    def fail_downstream(nid: str, outcome: Outcome) -> None:
+        for child in dependents.get(nid, []):
+            if child not in failed:
+                failed.add(child)
+                on_outcome(Outcome(plan.nodes[child], error=f"upstream {outcome.node.stage} failed: {outcome.error}",
+                                   traceback=outcome.traceback))
+                fail_downstream(child, outcome)
+
+    for nid, deps in waiting.items():
+        if not deps:
+            executor.submit(plan.nodes[nid], resources)
+    while executor.inflight():
+        outcome = executor.next_outcome()
+        nid = outcome.node.id
+        on_outcome(outcome)
+        if outcome.error is None:
+            done.add(nid)
+            release(nid)
+        else:
+            failed.add(nid)
+            fail_downstream(nid, outcome)
+
+
+class Progress:
+    """One line per finished cell with counts and an ETA."""
+
+    def __init__(self, total: int, stream=sys.stdout):
+        self.total, self.done, self.failed = total, 0, 0
+        self.start = time.monotonic()
+        self.stream = stream
+
+    def cell(self, label: str, ok: bool, detail: str) -> None:
+        if ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        finished = self.done + self.failed
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / finished * (self.total - finished) if finished else 0.0
+        status = "done" if ok else "FAILED"
+        print(f"[{finished}/{self.total}] {status} {label} {detail}  (elapsed {_fmt(elapsed)}, eta {_fmt(eta)})",
+              file=self.stream, flush=True)
+
+    def stage(self, stage: str, key: str, seconds: float) -> None:
+        print(f"    {stage} {key[:10]} ready in {seconds:.1f}s", file=self.stream, flush=True)
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

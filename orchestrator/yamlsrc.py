@@ -1,0 +1,81 @@
+"""YAML with a map from key path to line number, so every error can name the
+file, the line and the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    data: Any
+    lines: dict[str, int]  # dotted key path ("a.b[2].c") -> 1-based line
+
+    def line_of(self, key_path: str) -> int | None:
+        """Line of ``key_path`` or of its nearest ancestor that is in the file."""
+        probe = key_path
+        while probe:
+            if probe in self.lines:
+                return self.lines[probe]
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return None
+
+    def where(self, key_path: str) -> str:
+        line = self.line_of(key_path)
+        return f"{self.path}:{line}" if line else self.path
+
+
+class YamlSyntaxError(ValueError):
+    def __init__(self, path: str, line: int | None, message: str):
+        self.path, self.line = path, line
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+
+
+def _walk(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            lines.setdefault(key, key_node.start_mark.line + 1)
+            _walk(value_node, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{path}[{i}]"
+            lines.setdefault(key, item.start_mark.line + 1)
+            _walk(item, key, lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(path: str | Path, text: str | None = None) -> Source:
+    path = str(path)
+    if text is None:
+        text = Path(path).read_text()
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise YamlSyntaxError(path, mark.line + 1 if mark else None, f"YAML error: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise YamlSyntaxError(path, None, f"YAML error: {exc}") from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        _walk(node, "", lines)
+    return Source(path, data, lines)

@@ -1,0 +1,120 @@
+"""The decoupled pipeline's stages as plain functions: pretrain a teacher,
+post-evaluate a distilled set. (Synthesis is :func:`rd3core.synth.synthesize`.)
+Usable from a notebook without the orchestrator::
+
+    data = load_dataset("digits")
+    teacher = train_teacher(data, TeacherSpec(arch="convnet3", epochs=20))
+    distilled = synthesize("random_real", data, None, RandomRealParams(ipc=10), seed=0)
+    result = posteval(distilled, data, resolve_protocol("rd3", "digits"), {"convnet3": teacher.model}, seed=0)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .augment import AugmentSpec
+from .data import Dataset, Split, as_float
+from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
+from .loop import Runtime, TrainResult, train
+from .models import MODELS, create_model
+from .protocol import LabelSpec, OptimSpec, Protocol, ScheduleSpec, batch_size_for
+from .seeding import derive_seed, generator, seed_everything
+from .synth import DistilledSet
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How a teacher is pretrained on the real training split (hard labels)."""
+
+    arch: str = "convnet3"
+    epochs: int = 30
+    batch_size: int = 128
+    optim: OptimSpec = field(default_factory=lambda: OptimSpec(name="sgd", lr=0.05, weight_decay=5e-4))
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    augment: AugmentSpec = field(default_factory=lambda: AugmentSpec(crop="pad", padding=4, flip=True, mix="none"))
+    seed: int = 0
+
+    def validate(self):
+        if self.arch not in MODELS:
+            yield "arch", MODELS.unknown_message(self.arch)
+        if self.epochs < 1:
+            yield "epochs", f"expected >= 1, got {self.epochs}"
+        if self.batch_size < 1:
+            yield "batch_size", f"expected >= 1, got {self.batch_size}"
+
+    def protocol(self) -> Protocol:
+        return Protocol(student=self.arch, epochs=self.epochs, batch_size=self.batch_size, augment=self.augment,
+                        labels=LabelSpec(mode="hard"), optim=self.optim, schedule=self.schedule)
+
+
+def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
+    seed_everything(derive_seed(seed, "init", arch))
+    return create_model(arch, dataset.info.num_classes, dataset.info.channels, dataset.info.size)
+
+
+def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime()) -> TrainResult:
+    """Pretrain through the same kernel as post-evaluation; records test top-1."""
+    model = build_model(spec.arch, dataset, spec.seed)
+    return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
+                 seed=spec.seed, runtime=runtime, test=dataset.test)
+
+
+def heldout_split(dataset: Dataset, per_class: int) -> tuple[Split, torch.Tensor]:
+    """A fixed (seed 0) set of real training images per class for selection;
+    identical for every cell so selections are comparable."""
+    gen = generator(0, "heldout")
+    picks = []
+    for c in range(dataset.info.num_classes):
+        members = torch.nonzero(dataset.train.labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    idx = torch.cat(picks)
+    return dataset.train.subset(idx), idx
+
+
+def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
+                 runtime: Runtime):
+    if spec.mode == "hard":
+        return HardLabels()
+    ensemble = TeacherEnsemble([t.to(runtime.device) for t in teachers], spec.combine)
+    if spec.mode == "static":
+        clean = dataset.info.normalize(as_float(distilled.images.to(runtime.device)))
+        return StaticLabels(ensemble, clean)
+    return EpochwiseLabels(ensemble, reuse_within_block=spec.refresh_every > 1)
+
+
+def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
+             seed: int, runtime: Runtime = Runtime(), ipc: int | None = None) -> dict[str, Any]:
+    """Train a fresh student on ``distilled`` under ``protocol``; returns the
+    metrics (``top1`` = final-epoch test accuracy), per-epoch history and timing.
+
+    ``teachers`` maps architecture name to a trained model; the protocol's
+    ``labels.teachers`` picks from it (empty: the first one given).
+    """
+    t0 = time.perf_counter()
+    names = [] if protocol.labels.mode == "hard" else list(protocol.labels.teachers) or list(teachers)[:1]
+    missing = [n for n in names if n not in teachers]
+    if missing or (protocol.labels.mode != "hard" and not names):
+        raise ValueError(f"protocol labels need teachers {missing or ['<any>']}, given {list(teachers)}")
+    labeler = make_labeler(protocol.labels, [teachers[n] for n in names], distilled, dataset, runtime)
+    num_classes = dataset.info.num_classes
+    ipc = ipc or max(1, len(distilled.labels) // num_classes)
+    batch_size = batch_size_for(protocol, ipc, num_classes)
+    heldout = None
+    extra: dict[str, float] = {}
+    if protocol.eval.heldout_per_class:
+        heldout, held_idx = heldout_split(dataset, protocol.eval.heldout_per_class)
+        if distilled.source_indices is not None:
+            extra["heldout_overlap"] = float(torch.isin(distilled.source_indices, held_idx).sum())
+    student = build_model(protocol.student, dataset, seed)
+    setup_s = time.perf_counter() - t0
+    result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
+                   batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
+                   heldout=heldout.to(runtime.device) if heldout is not None else None)
+    metrics = {**result.metrics, **extra}
+    timing = {"setup_s": setup_s, **result.timing}
+    return {"metrics": metrics, "epochs": result.epochs, "timing": timing,
+            "resolved": {"batch_size": batch_size, "teachers": names}}

@@ -1,0 +1,207 @@
+"""The Protocol: every post-evaluation setting that published evaluations
+disagree on, as one frozen dataclass, plus the named presets (data files in
+``rd3core/presets/``, each with its source) that reproduce each method's recipe.
+
+``resolve_protocol("rded", family="cifar", overrides={...})`` is the only way a
+study turns a preset name into a Protocol, so presets, overrides and factors all
+pass the same validation (:func:`rd3core.config.build`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .augment import AugmentSpec
+from .config import build, merge, to_dict
+from .losses import LossSpec
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    # hard: dataset labels only. static: one teacher output per (clean) image,
+    # mixed like the images. epochwise: the teacher relabels exactly the augmented
+    # and mixed batch the student sees.
+    mode: Literal["hard", "static", "epochwise"] = "epochwise"
+    # epochwise only: views and their labels are drawn afresh every k epochs and
+    # replayed in between (1 = every step's batch is new; storage shrinks k-fold).
+    refresh_every: int = 1
+    # Teacher architectures that label (declared in the study's teachers); empty
+    # means the study's primary teacher.
+    teachers: tuple[str, ...] = ()
+    # How several teachers combine: mean of logits, or G-VBSM's mean after
+    # scaling each teacher's logits to the same L2 norm.
+    combine: Literal["mean", "norm_mean"] = "mean"
+
+    def validate(self):
+        if self.refresh_every < 1:
+            yield "refresh_every", f"expected >= 1, got {self.refresh_every}"
+        if self.mode != "epochwise" and self.refresh_every != 1:
+            yield "refresh_every", f"only applies to mode 'epochwise' (mode is {self.mode!r})"
+        if len(set(self.teachers)) != len(self.teachers):
+            yield "teachers", f"names a teacher twice: {list(self.teachers)}"
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    no_decay_norm_bias: bool = False  # exclude norm weights and biases from weight decay (SRe2L)
+    momentum: float = 0.9  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
+
+    def validate(self):
+        if self.lr <= 0:
+            yield "lr", f"expected > 0, got {self.lr}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"expected >= 0, got {self.weight_decay}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    # cosine with zeta: lr * 0.5 * (1 + cos(pi * t / zeta)), t in [0, 1] after warm-up.
+    # zeta = 1 is "cosine to 0"; zeta = 2 is RDED/EDC's smoothed cosine ending at 0.5x.
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    zeta: float = 1.0
+    warmup_epochs: int = 0  # linear warm-up from 0
+    milestones: tuple[int, ...] = ()  # step: epochs at which lr is multiplied by step_gamma
+    step_gamma: float = 0.1
+    per: Literal["step", "epoch"] = "step"  # granularity of lr updates
+
+    def validate(self):
+        if self.zeta < 1:
+            yield "zeta", f"expected >= 1, got {self.zeta}"
+        if self.warmup_epochs < 0:
+            yield "warmup_epochs", f"expected >= 0, got {self.warmup_epochs}"
+
+    def factor(self, epoch: float, epochs: int) -> float:
+        """lr multiplier at (fractional) ``epoch`` of ``epochs``."""
+        import math
+
+        if self.per == "epoch":
+            epoch = math.floor(epoch)
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1) if self.per == "epoch" else epoch / self.warmup_epochs
+        if self.name == "constant":
+            return 1.0
+        if self.name == "step":
+            return self.step_gamma ** sum(epoch >= m for m in self.milestones)
+        t = (epoch - self.warmup_epochs) / max(epochs - self.warmup_epochs, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0) / self.zeta))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    interval: int = 0  # also evaluate every k epochs for learning curves (0: final only)
+    # Real training images per class held out (never trained on) to select an
+    # epoch without touching the test set.
+    heldout_per_class: int = 0
+    # Also record the best test accuracy over evaluated epochs, under a name
+    # that says it was selected on the test set (some papers report this).
+    record_best_on_test: bool = False
+    test_transform: Literal["identity", "flip_tta"] = "identity"
+    batch_size: int = 500
+
+    def validate(self):
+        if self.interval < 0:
+            yield "interval", f"expected >= 0, got {self.interval}"
+        if self.heldout_per_class < 0:
+            yield "heldout_per_class", f"expected >= 0, got {self.heldout_per_class}"
+        if self.heldout_per_class and not self.interval:
+            yield "interval", "held-out selection needs eval.interval > 0"
+        if self.record_best_on_test and not self.interval:
+            yield "interval", "record_best_on_test needs eval.interval > 0"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    student: str = "resnet18"
+    epochs: int = 300
+    # An int, or "rded": RDED's rule from IPC and class count (see batch_size_for).
+    batch_size: int | Literal["rded"] = 50
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    ema_decay: float | None = None  # evaluate an EMA of the weights (EDC: 0.99)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def validate(self):
+        from .models import MODELS
+
+        if self.student not in MODELS:
+            yield "student", MODELS.unknown_message(self.student)
+        if self.epochs < 1:
+            yield "epochs", f"expected >= 1, got {self.epochs}"
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            yield "batch_size", f"expected >= 1 or 'rded', got {self.batch_size}"
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            yield "ema_decay", f"expected in (0, 1), got {self.ema_decay}"
+
+
+def batch_size_for(protocol: Protocol, ipc: int, num_classes: int) -> int:
+    """Resolve ``batch_size``; RDED's rule: IPC1 -> 10, IPC10 -> 50, IPC50 -> 100
+    (nearest rung below), doubled for >= 100 classes, capped at the set size."""
+    if protocol.batch_size != "rded":
+        return int(protocol.batch_size)
+    size = 10 if ipc < 10 else 50 if ipc < 50 else 100
+    if num_classes >= 100:
+        size *= 2
+    return min(size, ipc * num_classes)
+
+
+# --------------------------------------------------------------------------------------
+# Presets: data files, one per method, with per-family overrides
+# --------------------------------------------------------------------------------------
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS: Registry[Path] = Registry("preset")
+for _file in sorted(PRESET_DIR.glob("*.yaml")):
+    PRESETS.add(_file.stem, _file)
+
+
+@functools.lru_cache(maxsize=None)
+def preset_data(name: str) -> dict[str, Any]:
+    raw = yaml.safe_load(PRESETS.get(name).read_text())
+    if not isinstance(raw, dict) or "protocol" not in raw or "source" not in raw:
+        raise ValueError(f"preset file {PRESETS.get(name)} needs 'source' and 'protocol' keys")
+    return raw
+
+
+# Families without their own block fall back along this chain.
+FAMILY_FALLBACK = {"digits": "cifar", "cifar": None, "tiny": None, "imagenet": None}
+
+
+def preset_protocol_dict(name: str, family: str) -> dict[str, Any]:
+    raw = preset_data(name)
+    out = dict(raw["protocol"])
+    families = raw.get("families", {}) or {}
+    chain = []
+    fam: str | None = family
+    while fam is not None:
+        chain.append(fam)
+        fam = FAMILY_FALLBACK.get(fam)
+    for fam in reversed(chain):  # the most specific family applies last
+        if fam in families:
+            out = merge(out, families[fam])
+    return out
+
+
+def resolve_protocol(preset: str | None, family: str, overrides: Mapping[str, Any] | None = None,
+                     path: str = "protocol") -> Protocol:
+    base = preset_protocol_dict(preset, family) if preset else {}
+    return build(Protocol, merge(base, overrides or {}), path)
+
+
+def list_presets() -> list[str]:
+    return PRESETS.names()
+
+
+def protocol_dict(protocol: Protocol) -> dict[str, Any]:
+    return to_dict(protocol)

@@ -1,0 +1,91 @@
+"""RandAugment (Cubuk et al. 2020) applied to a whole batch at once.
+
+Op ids and signs are drawn in :func:`rd3core.augment.draw`; this module only
+applies them. Magnitude scales follow torchvision's RandAugment (31 bins);
+Equalize is left out because it has no cheap batched form.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+OPS = ("identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+       "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+NUM_OPS = len(OPS)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (b + factor.view(-1, 1, 1, 1) * (a - b)).clamp(0, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.Tensor:
+    """``signed`` holds +-1 per sample; ``mag`` is magnitude / 30 in [0, 1]."""
+    n = x.shape[0]
+    if name == "identity":
+        return x
+    if name in ("brightness", "color", "contrast", "sharpness"):
+        factor = 1.0 + 0.9 * mag * signed
+        if name == "brightness":
+            return _blend(x, torch.zeros_like(x), factor)
+        if name == "color":
+            return _blend(x, _gray(x), factor)
+        if name == "contrast":
+            mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+            return _blend(x, mean.expand_as(x), factor)
+        kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
+        c = x.shape[1]
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(c, 1, 3, 3), groups=c)
+        return _blend(x, blurred, factor)
+    if name == "posterize":
+        bits = 8 - int(4 * mag)
+        levels = 2 ** bits
+        return torch.floor(x * 255 / (256 // levels)) * (256 // levels) / 255
+    if name == "solarize":
+        threshold = 1.0 - mag
+        return torch.where(x >= threshold, 1.0 - x, x)
+    if name == "autocontrast":
+        lo = x.amin(dim=(2, 3), keepdim=True)
+        hi = x.amax(dim=(2, 3), keepdim=True)
+        scale = torch.where(hi > lo, 1.0 / (hi - lo).clamp_min(1e-6), torch.ones_like(hi))
+        return torch.where(hi > lo, (x - lo) * scale, x).clamp(0, 1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    if name == "rotate":
+        angle = math.radians(30.0 * mag) * signed
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+    elif name == "shear_x":
+        theta[:, 0, 1] = 0.3 * mag * signed
+    elif name == "shear_y":
+        theta[:, 1, 0] = 0.3 * mag * signed
+    elif name == "translate_x":
+        theta[:, 0, 2] = 2 * (150 / 331) * mag * signed  # torchvision: 150/331 of the width at full magnitude
+    elif name == "translate_y":
+        theta[:, 1, 2] = 2 * (150 / 331) * mag * signed
+    return _affine(x, theta)
+
+
+def apply_randaugment(x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: int) -> torch.Tensor:
+    ops, signs = ops.to(x.device), signs.to(x.device, x.dtype)
+    mag = magnitude / 30.0
+    for j in range(ops.shape[1]):
+        out = x.clone()
+        for op_id in torch.unique(ops[:, j]).tolist():
+            mask = ops[:, j] == op_id
+            out[mask] = _op(OPS[op_id], x[mask], signs[mask, j], mag)
+        x = out
+    return x

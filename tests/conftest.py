@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny studies on digits that run in seconds on a CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+TINY_STUDY = """\
+name: {name}
+dataset: {{name: digits}}
+teachers:
+  - arch: convnet3-w32
+    epochs: 6
+    augment: {{crop: pad, padding: 2, flip: false, mix: none}}
+methods:
+  - {{name: random_real, ipc: 5}}
+protocol:
+  preset: rd3
+  overrides:
+    student: convnet3-w32
+    epochs: 150
+    augment: {{flip: false}}
+    loss: {{temperature: 4}}
+factors:
+  protocol.labels.mode: [hard, epochwise]
+seeds: [0, 1]
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path):
+    def make(name: str = "tiny", text: str | None = None) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text) if text is not None else TINY_STUDY.format(name=name))
+        return path
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m orchestrator`` in a fresh process, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cifar_tarball() -> Path:
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_CIFAR} (see ../shared/data/README.md)")
+    return SHARED_CIFAR
