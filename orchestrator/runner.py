@@ -69,22 +69,26 @@ class RayExecutor:
 
     def __init__(self, store_root: str, address: str | None = None, num_cpus: int | None = None,
                  num_gpus: int | None = None):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            # Embedded instance: loopback only. Ray resolves 127.0.0.1 to the
+            # external address unless "cluster mode" is off, which makes every
+            # server bind to localhost; read at import, so set before importing.
+            # Token auth is for real clusters; nothing else can reach this one.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
         self.ray = ray
         self.store_root = store_root
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        address = address or os.environ.get("RAY_ADDRESS")
         self.started = not ray.is_initialized()
         if self.started:
             if address:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=True)
             else:
-                # The embedded instance listens on loopback only; token auth is
-                # only for real clusters.
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(num_cpus=num_cpus or available_cpus(), num_gpus=num_gpus if num_gpus is not None else
-                         detect_gpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                         detect_gpus(), include_dashboard=False,
                          _temp_dir=os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"),
                          logging_level="ERROR", log_to_driver=True)
         self.remote = ray.remote(max_retries=0)(run_node)
