@@ -78,7 +78,7 @@ def run_study(path: str | Path, options: RunOptions) -> int:
             cell = by_key[node.key]
             with session_scope(engine) as s:  # one transaction per result, committed as it arrives
                 if outcome.error is None:
-                    metrics = {**outcome.result["metrics"], **{f"time_{k}": v for k, v in outcome.result["timing"].items()}}
+                    metrics = result_metrics(outcome.result)
                     records.record_result(s, ids[cell.key], metrics, outcome.result["epochs"])
                 else:
                     records.set_status(s, ids[cell.key], CellStatus.failed)
@@ -105,6 +105,17 @@ def run_study(path: str | Path, options: RunOptions) -> int:
         print(f"rerun to retry them: python -m orchestrator run {path}", file=sys.stderr)
         return 1
     return 0
+
+
+def result_metrics(result: dict) -> dict[str, float]:
+    """Everything numeric a cell reports, flattened into named metrics: the
+    accuracies (``top1`` is THE result), timings (``time_*``) and the cost of the
+    distilled set it used (``synth_*``: wall time and bytes, RD3's efficiency axis)."""
+    metrics = dict(result["metrics"])
+    metrics.update({f"time_{k}": v for k, v in result["timing"].items()})
+    metrics.update({f"synth_{k}": v for k, v in result.get("synth_meta", {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version"})
+    return metrics
 
 
 def summarise(engine, study: Study, out: Path) -> None:
