@@ -74,10 +74,13 @@ def ensure(ctx: Context, ref: dict, load: bool = True) -> Any:
     return state
 
 
-def _summary(payload: dict) -> dict:
+def _summary(payload: Any) -> Any:
     """The producing payload for the manifest, with upstream refs cut to their keys."""
-    return {k: ({"stage": v["stage"], "key": v["key"]} if isinstance(v, dict) and {"stage", "key", "payload"} <= set(v)
-                else v) for k, v in payload.items()}
+    if isinstance(payload, dict):
+        if {"stage", "key", "payload"} <= set(payload):
+            return {"stage": payload["stage"], "key": payload["key"]}
+        return {k: _summary(v) for k, v in payload.items()}
+    return payload
 
 
 def _numeric(meta: dict) -> dict:

@@ -28,7 +28,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def teacher(data):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared; two threads gain little at this size
     spec = build(TeacherSpec, {"arch": "convnet3-w32-bn", "epochs": 4,
                                "augment": {"crop": "pad", "padding": 2, "flip": False, "mix": "none"}})
     result = train_teacher(data, spec)
@@ -122,14 +122,14 @@ def test_cda_curriculum_shapes():
 
 
 def test_cda_crops_follow_the_curriculum(data, teacher):
-    params = make("cda", ipc=2, iterations=60)
+    params = make("cda", ipc=2, iterations=40)
     distilled, trace = recover(data, teacher, params, 0, Runtime(), lambda t: min_scale(params, t))
-    expected = [min_scale(params, i / 60) for i in range(60)]
+    expected = [min_scale(params, i / 40) for i in range(40)]
     assert trace["min_scale"] == pytest.approx(expected)
     areas = trace["crop_area"]  # mean area fraction of the crops actually drawn
     assert all(a >= s - 0.02 for a, s in zip(areas, expected))
     assert sum(areas[:6]) / 6 > 0.95 and sum(areas[-6:]) / 6 < 0.75
-    _, plain = recover(data, teacher, make("sre2l", ipc=2, iterations=20, crop="rrc"), 0, Runtime())
+    _, plain = recover(data, teacher, make("sre2l", ipc=2, iterations=10, crop="rrc"), 0, Runtime())
     assert set(plain["min_scale"]) == {0.08}  # SRe2L: no curriculum
     assert distilled.images.shape == (20, 1, 16, 16)
 

@@ -3,7 +3,10 @@
 A method is a :class:`Method`: a frozen params dataclass (which always has
 ``ipc``), a code ``version`` that enters its cache key, and ``run`` that turns
 the real dataset (and the frozen teacher, when it needs one) into a
-:class:`DistilledSet`. Every random draw comes from ``seed``.
+:class:`DistilledSet`. Every random draw comes from ``seed``. Two optional
+hooks: ``key_inputs`` (what the cache key hashes: only what the output depends
+on) and ``check`` (dataset- or teacher-dependent problems, reported when a
+study is validated). Algorithms, parameters and sources: docs/METHODS.md.
 """
 from __future__ import annotations
 
