@@ -39,3 +39,17 @@ def results_frame(engine: Engine, study: str) -> pd.DataFrame:
         rows[cid][name] = value
     frame = pd.DataFrame(list(rows.values()))
     return frame.sort_values(["cell_key"]).reset_index(drop=True) if len(frame) else frame
+
+
+def finished_cells(engine: Engine, metrics: list[str]) -> list[tuple[dict, dict[str, float]]]:
+    """(resolved config, {metric: value}) of every finished cell of every study,
+    restricted to the named metrics: the run history that cost estimates use."""
+    with session_scope(engine) as s:
+        cells = s.execute(select(Cell.id, Cell.config).where(Cell.status == CellStatus.done)).all()
+        rows = s.execute(select(Metric.cell_id, Metric.name, Metric.value).join(Cell)
+                         .where(Cell.status == CellStatus.done, Metric.name.in_(metrics))).all()
+    values: dict[int, dict[str, float]] = {cid: {} for cid, _ in cells}
+    for cid, name, value in rows:
+        if value is not None:
+            values[cid][name] = value
+    return [(config, values[cid]) for cid, config in cells]

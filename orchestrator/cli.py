@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join a running Ray cluster (default: RAY_ADDRESS or an embedded instance)")
     run.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray instance (default: all usable)")
     run.add_argument("--num-gpus", type=int, help="GPUs for the embedded Ray instance (default: all visible)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print per stage how many runs are needed and cached, the cells, and a cost estimate "
+                          "from past runs; run and write nothing")
+
+    cache = sub.add_parser("cache", help="show or prune the stage artifact store")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_list = cache_sub.add_parser("list", help="every artifact: stage, key, size, age, what made it")
+    cache_list.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
+    gc = cache_sub.add_parser("gc", help="remove leftovers; with studies named, also every artifact none of them needs")
+    gc.add_argument("studies", nargs="*", help="study files (or names recorded in the DB) whose artifacts are kept")
+    gc.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
+    gc.add_argument("--db", help="SQLAlchemy URL of the results DB, to find studies by name (default: sqlite in --out)")
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    gc.add_argument("--tmp-grace-s", type=float, default=3600.0,
+                    help="keep temporary (publishing) folders written to within this many seconds (default 3600)")
 
     validate = sub.add_parser("validate", help="check a study file; print every problem")
     validate.add_argument("study", type=Path)
@@ -61,9 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .driver import RunOptions, run_study
 
-            return run_study(args.study, RunOptions(out=args.out, db=args.db, executor=args.executor,
-                                                    address=args.address, num_cpus=args.num_cpus,
-                                                    num_gpus=args.num_gpus))
+            options = RunOptions(out=args.out, db=args.db, executor=args.executor, address=args.address,
+                                 num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+            if args.dry_run:
+                from .cache import dry_run
+
+                return dry_run(args.study, options)
+            return run_study(args.study, options)
+        if args.command == "cache":
+            from . import cache
+            from .driver import RunOptions, db_url
+
+            if args.cache_command == "list":
+                return cache.list_cache(args.out)
+            return cache.gc_cache(args.out, args.studies, db_url(RunOptions(out=args.out, db=args.db)),
+                                  dry_run=args.dry_run, tmp_grace_s=args.tmp_grace_s)
     except StudyError as exc:
         for message in exc.messages:
             print(f"error: {message}", file=sys.stderr)

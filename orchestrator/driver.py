@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +67,21 @@ def run_study(path: str | Path, options: RunOptions) -> int:
         for stage, (need, cached) in plan.counts().items():
             print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
         progress = Progress(len(todo))
+        built: Counter[str] = Counter()
 
         def on_outcome(outcome: Outcome) -> None:
             node = outcome.node
+            for entry in (outcome.result or {}).get("built", []):
+                built[entry["stage"]] += 1
+                if entry["key"] != node.key:  # an upstream artifact was missing or corrupt
+                    print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
+                          flush=True)
             if node.stage != "posteval":
                 if outcome.error is None:
-                    progress.stage(node.stage, node.key, outcome.result["wall_s"])
+                    if any(e["key"] == node.key for e in outcome.result.get("built", [])):
+                        progress.stage(node.stage, node.key, outcome.result["wall_s"])
+                    else:  # published meanwhile by another run sharing the store
+                        print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
                 else:
                     print(f"    {node.stage} {node.key[:10]} FAILED: {outcome.error}", flush=True)
                 return
@@ -94,6 +104,8 @@ def run_study(path: str | Path, options: RunOptions) -> int:
             execute(plan, executor, study.spec.resources, on_outcome)
         finally:
             executor.close()
+        # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
+        print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
     if not failures:
         with session_scope(engine) as s:
             records.finish_study(s, study_id)

@@ -50,7 +50,8 @@ def expand(study: Study) -> list[Cell]:
     teacher_archs = {t.arch for t in spec.teachers}
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
-    for method in study.methods:
+    checked: set[str] = set()
+    for index, method in enumerate(study.methods):
         method_fields = to_dict(method.params)
         for levels in itertools.product(*(spec.factors[p] for p in factor_paths)):
             combo = dict(zip(factor_paths, levels))
@@ -90,6 +91,10 @@ def expand(study: Study) -> list[Cell]:
             except ConfigError as exc:
                 problems += exc.problems
                 continue
+            if canonical_json([method.name, method_params]) not in checked:  # dataset/teacher-dependent checks
+                checked.add(canonical_json([method.name, method_params]))
+                problems += [Problem(f"methods[{index}].{sub}", message) for sub, message in METHODS.get(method.name)
+                             .problems(method_params, dataset_info(spec.dataset.name), spec.teachers[0].arch)]
             cell_method = replace(method, params=method_params)
             teachers = _label_teachers(protocol, study)
             if METHODS.get(method.name).needs_teacher and spec.teachers[0] not in teachers:

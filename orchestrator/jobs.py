@@ -1,6 +1,12 @@
 """What a worker runs for one plan node. Workers never touch the database:
 stage outputs go to the artifact store, and everything else (metrics, timings,
 provenance) returns to the driver as plain data.
+
+Every stored stage has a *producer* (``@producer("teacher")``) that turns the
+node's payload into the artifact's state. :func:`ensure` loads an artifact
+through the store's hash check and, when it is missing, truncated or corrupt,
+rebuilds it with its producer (recursively for its own upstream refs) instead of
+failing; every build is reported back in ``result["built"]``.
 """
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import os
 import platform
 import socket
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -32,28 +39,88 @@ def _get_dataset(spec: dict) -> Dataset:
     return _dataset(spec["name"], spec.get("root"))
 
 
-class MissingArtifact(RuntimeError):
-    """An upstream stage's artifact vanished or failed its hash check."""
+@dataclass
+class Context:
+    store: ArtifactStore
+    runtime: Runtime
+    built: list[dict] = field(default_factory=list)  # every stage this job (re)built
+
+
+Producer = Callable[[Context, dict], tuple[Any, dict]]  # payload -> (state to store, manifest meta)
+PRODUCERS: dict[str, Producer] = {}
+
+
+def producer(stage: str):
+    def deco(fn: Producer) -> Producer:
+        PRODUCERS[stage] = fn
+        return fn
+    return deco
+
+
+def ensure(ctx: Context, ref: dict, load: bool = True) -> Any:
+    """The verified state of artifact ``ref``, built first if missing or corrupt.
+    ``load=False`` only makes sure it is in the store (returns None)."""
+    stage, key = ref["stage"], ref["key"]
+    if load:
+        state = ctx.store.load(stage, key)
+        if state is not None:
+            return state
+    elif ctx.store.info(stage, key, verify=True) is not None:
+        return None
+    t0 = time.perf_counter()
+    state, meta = PRODUCERS[stage](ctx, ref["payload"])
+    ctx.store.save(stage, key, state, {**meta, "params": _summary(ref["payload"])})
+    ctx.built.append({"stage": stage, "key": key, "wall_s": time.perf_counter() - t0, "meta": _numeric(meta)})
+    return state
+
+
+def _summary(payload: Any) -> Any:
+    """The producing payload for the manifest, with upstream refs cut to their keys."""
+    if isinstance(payload, dict):
+        if {"stage", "key", "payload"} <= set(payload):
+            return {"stage": payload["stage"], "key": payload["key"]}
+        return {k: _summary(v) for k, v in payload.items()}
+    return payload
+
+
+def _numeric(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 _TEACHERS: dict[tuple[str, str, str], torch.nn.Module] = {}
 
 
-def load_teacher(store_root: str, ref: dict, dataset: dict, runtime: Runtime) -> torch.nn.Module:
+def load_teacher(ctx: Context, ref: dict) -> torch.nn.Module:
     """A trained teacher from the store, kept per worker: its key is a content
     hash of everything that made it, so the key alone identifies it."""
-    cache_key = (store_root, ref["key"], runtime.device)
+    cache_key = (str(ctx.store.root), ref["key"], ctx.runtime.device)
     if cache_key not in _TEACHERS:
-        spec = build(TeacherSpec, ref["spec"])
-        state = ArtifactStore(store_root).load("teacher", ref["key"])
-        if state is None:
-            raise MissingArtifact(f"teacher artifact {ref['key']} is missing or corrupt under {store_root}")
-        model = build_model(spec.arch, _get_dataset(dataset), spec.seed)
+        state = ensure(ctx, ref)
+        spec = build(TeacherSpec, ref["payload"]["teacher"])
+        model = build_model(spec.arch, _get_dataset(ref["payload"]["dataset"]), spec.seed)
         model.load_state_dict(state["state_dict"])
         if len(_TEACHERS) >= 8:
             _TEACHERS.pop(next(iter(_TEACHERS)))
-        _TEACHERS[cache_key] = model.to(runtime.device).eval()
+        _TEACHERS[cache_key] = model.to(ctx.runtime.device).eval()
     return _TEACHERS[cache_key]
+
+
+@producer("teacher")
+def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
+    dataset = _get_dataset(payload["dataset"])
+    result = train_teacher(dataset, build(TeacherSpec, payload["teacher"]), ctx.runtime)
+    state = {"state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
+    return state, {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
+
+
+@producer("synth")
+def make_synth(ctx: Context, payload: dict) -> tuple[Any, dict]:
+    dataset = _get_dataset(payload["dataset"])
+    method = METHODS.get(payload["method"]["name"])
+    params = build(method.params, {k: v for k, v in payload["method"].items() if k != "name"})
+    teacher = load_teacher(ctx, payload["teacher"]) if payload.get("teacher") else None
+    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime)
+    return distilled.state(), distilled.meta
 
 
 def environment() -> dict[str, Any]:
@@ -67,43 +134,26 @@ def environment() -> dict[str, Any]:
 
 def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
              runtime: Runtime | None = None) -> dict[str, Any]:
-    """Execute one node; returns plain data for the driver."""
+    """Execute one node; returns plain data for the driver. ``built`` lists every
+    stage actually computed (empty when the artifact was already in the store)."""
     torch.set_num_threads(max(1, int(threads)))  # same thread count in every executor: same numbers
     runtime = runtime or Runtime.auto()
-    store = ArtifactStore(store_root)
-    dataset = _get_dataset(payload["dataset"])
+    ctx = Context(ArtifactStore(store_root), runtime)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__}
-    if stage == "teacher":
-        if not store.exists("teacher", key):
-            spec = build(TeacherSpec, payload["teacher"])
-            result = train_teacher(dataset, spec, runtime)
-            state = {"state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
-            store.save("teacher", key, state, {"metrics": result.metrics, "timing": result.timing,
-                                               "dataset": dataset.record})
-            out["metrics"] = result.metrics
-    elif stage == "synth":
-        if not store.exists("synth", key):
-            method = METHODS.get(payload["method"]["name"])
-            params = build(method.params, {k: v for k, v in payload["method"].items() if k != "name"})
-            teacher = load_teacher(store_root, payload["teacher"], payload["dataset"], runtime) \
-                if payload.get("teacher") else None
-            distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], runtime)
-            store.save("synth", key, distilled.state(), distilled.meta)
-            out["meta"] = distilled.meta
+    if stage in PRODUCERS:
+        ensure(ctx, {"stage": stage, "key": key, "payload": payload}, load=False)
     elif stage == "posteval":
-        state = store.load("synth", payload["synth_key"])
-        if state is None:
-            raise MissingArtifact(f"distilled set {payload['synth_key']} is missing or corrupt under {store_root}")
-        distilled = DistilledSet.from_state(state)
+        dataset = _get_dataset(payload["dataset"])
+        distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
         protocol = build(Protocol, payload["protocol"])
-        teachers = {arch: load_teacher(store_root, ref, payload["dataset"], runtime)
-                    for arch, ref in payload["teachers"].items()}
+        teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"))
         out.update(result)
         out["synth_meta"] = distilled.meta
         out["dataset"] = dataset.record
     else:
         raise ValueError(f"unknown stage {stage!r}")
+    out["built"] = ctx.built
     out["wall_s"] = time.perf_counter() - t0
     return out

@@ -2,6 +2,16 @@
 so that cells share what they have in common. A teacher used by forty cells is
 one node; a distilled set shared by every protocol variant of a (method, seed)
 is one node.
+
+A stored stage's key is ``stage_key(stage, version, params, upstream keys)``
+where ``params`` is only what that stage's output depends on. Every node's
+payload is plain data, and upstream artifacts are passed as *refs*
+(``Node.ref()``: stage, key and the producing payload), so the job that needs
+an artifact can rebuild it when it is missing or corrupt.
+
+Adding a stage: name it in ``STAGES`` (report order) and ``STAGE_VERSIONS``,
+add its node with :meth:`Plan.stage` in :func:`build_plan`, and register its
+producer in ``orchestrator.jobs`` with ``@producer("<stage>")``.
 """
 from __future__ import annotations
 
@@ -16,7 +26,10 @@ from rd3core.synth import METHODS
 from .expand import Cell
 
 STAGES = ("teacher", "synth", "posteval")
+# Stages whose outputs are results in the DB, not artifacts in the store.
+RESULT_STAGES = ("posteval",)
 # Bump when a stage's output for the same params changes (invalidates its cache).
+# A synthesis method's own version (rd3core.synth) is the synth stage's version.
 STAGE_VERSIONS = {"teacher": 1, "posteval": 1}
 
 
@@ -32,6 +45,10 @@ class Node:
     def id(self) -> str:
         return f"{self.stage}:{self.key}"
 
+    def ref(self) -> dict[str, Any]:
+        """What a downstream job needs to load this artifact, or rebuild it."""
+        return {"stage": self.stage, "key": self.key, "payload": self.payload}
+
 
 @dataclass
 class Plan:
@@ -40,46 +57,56 @@ class Plan:
     def add(self, node: Node) -> Node:
         return self.nodes.setdefault(node.id, node)
 
+    def stage(self, store: ArtifactStore, stage: str, version: int, params: Any, payload: dict[str, Any],
+              upstream: dict[str, Node] | None = None) -> Node:
+        """The node of a stored stage, shared by every cell that asks for the same key."""
+        upstream = upstream or {}
+        key = stage_key(stage, version, params, {name: n.key for name, n in upstream.items()})
+        node_id = f"{stage}:{key}"
+        if node_id in self.nodes:
+            return self.nodes[node_id]
+        deps = tuple(dict.fromkeys(n.id for n in upstream.values()))
+        return self.add(Node(stage, key, deps, payload, cached=store.exists(stage, key)))
+
     def counts(self) -> dict[str, tuple[int, int]]:
-        """stage -> (runs needed, cached)."""
+        """stage -> (runs needed, cached), in pipeline order."""
         need = Counter(n.stage for n in self.nodes.values() if not n.cached)
         cached = Counter(n.stage for n in self.nodes.values() if n.cached)
-        return {s: (need[s], cached[s]) for s in STAGES}
+        stages = list(STAGES) + sorted({n.stage for n in self.nodes.values()} - set(STAGES))
+        return {s: (need[s], cached[s]) for s in stages}
+
+    def artifacts(self) -> set[tuple[str, str]]:
+        """(stage, key) of every stored artifact this plan uses."""
+        return {(n.stage, n.key) for n in self.nodes.values() if n.stage not in RESULT_STAGES}
 
 
-def teacher_key(dataset: dict, teacher: dict) -> str:
-    return stage_key("teacher", STAGE_VERSIONS["teacher"], {"dataset": dataset, "teacher": teacher})
+def teacher_params(dataset: dict, teacher: dict) -> dict:
+    return {"dataset": dataset, "teacher": teacher}
 
 
-def synth_key(cell: Cell, teacher: str | None) -> str:
+def synth_params(cell: Cell) -> dict:
     method = METHODS.get(cell.method.name)
-    params = {"dataset": to_dict(cell.dataset), "method": cell.config["method"], "seed": cell.seed}
-    return stage_key("synth", method.version, params, {"teacher": teacher} if teacher else None)
+    return {"dataset": to_dict(cell.dataset), "method": cell.method.name,
+            **method.key_inputs(cell.method.params, cell.seed)}
 
 
 def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
     plan = Plan()
     for cell in cells:
         dataset = to_dict(cell.dataset)
-        teacher_ids: dict[str, str] = {}
+        teachers: dict[str, Node] = {}
         for teacher in cell.teachers:
-            spec = to_dict(teacher)
-            key = teacher_key(dataset, spec)
-            node = plan.add(Node("teacher", key, (), {"dataset": dataset, "teacher": spec},
-                                 cached=store.exists("teacher", key)))
-            teacher_ids[teacher.arch] = node.id
-        needs_teacher = METHODS.get(cell.method.name).needs_teacher
-        primary = cell.teachers[0].arch if needs_teacher else None
-        tkey = plan.nodes[teacher_ids[primary]].key if primary else None
-        skey = synth_key(cell, tkey)
-        synth = plan.add(Node("synth", skey, (teacher_ids[primary],) if primary else (),
-                              {"dataset": dataset, "method": cell.config["method"], "seed": cell.seed,
-                               "teacher": {"key": tkey, "spec": to_dict(cell.teachers[0])} if primary else None},
-                              cached=store.exists("synth", skey)))
-        label_teachers = {arch: {"key": plan.nodes[nid].key, "spec": plan.nodes[nid].payload["teacher"]}
-                          for arch, nid in teacher_ids.items()}
-        plan.add(Node("posteval", cell.key, (synth.id, *teacher_ids.values()),
-                      {"dataset": dataset, "synth_key": skey, "teachers": label_teachers,
+            params = teacher_params(dataset, to_dict(teacher))
+            teachers[teacher.arch] = plan.stage(store, "teacher", STAGE_VERSIONS["teacher"], params, params)
+        method = METHODS.get(cell.method.name)
+        primary = teachers[cell.teachers[0].arch] if method.needs_teacher else None
+        synth = plan.stage(store, "synth", method.version, synth_params(cell),
+                           {"dataset": dataset, "method": cell.config["method"], "seed": cell.seed,
+                            "teacher": primary.ref() if primary else None},
+                           {"teacher": primary} if primary else None)
+        plan.add(Node("posteval", cell.key, tuple(dict.fromkeys((synth.id, *(n.id for n in teachers.values())))),
+                      {"dataset": dataset, "synth": synth.ref(),
+                       "teachers": {arch: n.ref() for arch, n in teachers.items()},
                        "protocol": cell.config["protocol"], "seed": cell.seed,
                        "ipc": cell.config["method"].get("ipc")}))
     return plan

@@ -3,18 +3,22 @@
 A method is a :class:`Method`: a frozen params dataclass (which always has
 ``ipc``), a code ``version`` that enters its cache key, and ``run`` that turns
 the real dataset (and the frozen teacher, when it needs one) into a
-:class:`DistilledSet`. Every random draw comes from ``seed``.
+:class:`DistilledSet`. Every random draw comes from ``seed``. Two optional
+hooks: ``key_inputs`` (what the cache key hashes: only what the output depends
+on) and ``check`` (dataset- or teacher-dependent problems, reported when a
+study is validated). Algorithms, parameters and sources: docs/METHODS.md.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..data import Dataset
+from ..config import to_dict
+from ..data import Dataset, DatasetInfo
 from ..loop import Runtime
 from ..registry import Registry
 
@@ -45,21 +49,45 @@ class DistilledSet:
         return cls(**state)
 
 
+Check = Callable[[Any, DatasetInfo, "str | None"], Iterable[tuple[str, str]]]
+KeyInputs = Callable[[Any, int], dict]
+
+
+def default_key_inputs(params: Any, seed: int) -> dict:
+    return {"params": to_dict(params), "seed": seed}
+
+
+def unseeded_key_inputs(params: Any, seed: int) -> dict:
+    # For methods whose output does not depend on the seed: every seed of a
+    # study shares one artifact.
+    return {"params": to_dict(params)}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    params: type  # frozen dataclass with at least `ipc: int`
+    params: type  # frozen dataclass with at least `ipc`
     run: Callable[[Dataset, nn.Module | None, Any, int, Runtime], DistilledSet]
     version: int = 1  # bump when the output for the same params changes
     needs_teacher: bool = False
+    # What the cache key hashes: only what the output depends on (the content
+    # of an imported file rather than its path; no seed where none is drawn).
+    key_inputs: KeyInputs = default_key_inputs
+    # Checks that need the dataset or the teacher's architecture, run when a
+    # study is validated, before anything runs; yields (param, message).
+    check: Check | None = None
+
+    def problems(self, params: Any, info: DatasetInfo, teacher_arch: str | None) -> list[tuple[str, str]]:
+        return list(self.check(params, info, teacher_arch)) if self.check is not None else []
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
-def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False):
+def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False,
+                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None):
     def deco(fn):
-        METHODS.add(name, Method(name, params, fn, version, needs_teacher))
+        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check))
         return fn
     return deco
 
@@ -69,14 +97,37 @@ def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: A
     """Run a registered method and record what RD3 asks to compare besides
     accuracy: wall time and the size of what was produced."""
     method = METHODS.get(name)
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method {name!r} needs a teacher")
+    _sync(runtime)
     t0 = time.perf_counter()
     out = method.run(dataset, teacher, params, seed, runtime)
-    out.meta.update({"method": name, "version": method.version, "wall_s": time.perf_counter() - t0, **out.nbytes()})
+    _sync(runtime)  # CUDA work is asynchronous: time what was done, not what was queued
+    wall = time.perf_counter() - t0
+    out.images, out.labels = out.images.cpu(), out.labels.cpu()
+    out.meta.update({"method": name, "version": method.version, "made_with": {"params": to_dict(params), "seed": seed},
+                     "wall_s": wall, **out.nbytes()})
+    out.meta["bytes"] = sum(v for k, v in out.meta.items() if k.endswith("_bytes"))
+    out.meta["images"] = int(out.labels.shape[0])
     return out
+
+
+def _sync(runtime: Runtime) -> None:
+    if runtime.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def store_images(images: torch.Tensor, precision: str) -> torch.Tensor:
+    """Synthesised [0, 1] images as stored: uint8 by default, what the methods
+    publish (8-bit image files) and what the recorded size should measure."""
+    images = images.detach().cpu().clamp(0, 1)
+    if precision == "uint8":
+        return images.mul(255).round_().to(torch.uint8)
+    return images.float().contiguous()
 
 
 def list_methods() -> list[str]:
     return METHODS.names()
 
 
-from . import random_real  # noqa: E402,F401  (registers)
+from . import cda, external, full_real, herding, random_real, rded, sre2l  # noqa: E402,F401  (registers)
