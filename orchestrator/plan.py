@@ -14,6 +14,7 @@ from rd3core.config import to_dict
 from rd3core.synth import METHODS
 
 from .expand import Cell
+from .resources import Resources, ResourcesSpec
 
 STAGES = ("teacher", "synth", "posteval")
 # Bump when a stage's output for the same params changes (invalidates its cache).
@@ -27,6 +28,7 @@ class Node:
     deps: tuple[str, ...]  # ids of nodes that must finish first
     payload: dict[str, Any]  # plain data: everything the job needs
     cached: bool = False
+    resources: Resources | None = None  # what its job asks the scheduler for (see assign_resources)
 
     @property
     def id(self) -> str:
@@ -82,4 +84,14 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
                       {"dataset": dataset, "synth_key": skey, "teachers": label_teachers,
                        "protocol": cell.config["protocol"], "seed": cell.seed,
                        "ipc": cell.config["method"].get("ipc")}))
+    return plan
+
+
+def assign_resources(plan: Plan, spec: ResourcesSpec) -> Plan:
+    """Give every node its stage's resources from the study's ``resources:`` block."""
+    per_stage: dict[str, Resources] = {}
+    for node in plan.nodes.values():
+        if node.stage not in per_stage:
+            per_stage[node.stage] = spec.for_stage(node.stage)
+        node.resources = per_stage[node.stage]
     return plan

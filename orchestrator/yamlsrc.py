@@ -63,6 +63,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _located(exc: yaml.MarkedYAMLError, text: str) -> tuple[int | None, str]:
+    """The line to blame and the message. A construct left open (an unclosed
+    bracket or quote) fails only at the end of the file: blame where it opened."""
+    problem, context = exc.problem_mark, exc.context_mark
+    message = f"YAML error: {exc.problem or exc}"
+    if context is not None and exc.context:
+        message += f" ({exc.context} that starts on line {context.line + 1})"
+    at_end = problem is not None and problem.index >= len(text.rstrip())
+    mark = context if (at_end and context is not None) or problem is None else problem
+    return (mark.line + 1 if mark else None), message
+
+
 def load(path: str | Path, text: str | None = None) -> Source:
     path = str(path)
     if text is None:
@@ -71,8 +83,7 @@ def load(path: str | Path, text: str | None = None) -> Source:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise YamlSyntaxError(path, mark.line + 1 if mark else None, f"YAML error: {exc.problem or exc}") from None
+        raise YamlSyntaxError(path, *_located(exc, text)) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(path, None, f"YAML error: {exc}") from None
     lines: dict[str, int] = {}
