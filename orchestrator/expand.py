@@ -13,10 +13,10 @@ Distinct protocols, teachers and method parameters are each resolved once: a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from rd3core.config import ConfigError, Problem, build, stable_hash, to_dict
+from rd3core.config import ConfigError, Problem, build, field_types, stable_hash, to_dict
 from rd3core.data import dataset_info
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import Protocol
@@ -53,6 +53,9 @@ class _Resolver:
         self.params: dict[tuple, tuple[Any, dict] | list[Problem]] = {}
         self.teachers: dict[tuple, tuple[TeacherSpec, ...] | list[Problem]] = {}
         self.teacher_dicts: dict[TeacherSpec, dict] = {}
+        self.fields = [f.name for f in fields(Protocol)]
+        self.groups = {name: tp for name, tp in field_types(Protocol).items() if is_dataclass(tp)}
+        self.group_cache: dict[tuple[str, str], tuple[Any, dict] | list[Problem]] = {}
 
     def path(self, column: str) -> FactorPath | None:
         if column not in self.paths:
@@ -89,12 +92,37 @@ class _Resolver:
             data = self.bases[preset, customised]
             for sub, level in levels:
                 data = apply_level(data, sub, level)
-            try:
-                protocol = build(Protocol, data, "protocol")
-                self.protocols[key] = (protocol, to_dict(protocol))
-            except ConfigError as exc:
-                self.protocols[key] = exc.problems
+            self.protocols[key] = self._build_protocol(data)
         return self.protocols[key]
+
+    def _build_protocol(self, data: dict) -> tuple[Protocol, dict] | list[Problem]:
+        # Protocols of one study mostly differ in a few fields: each distinct group
+        # of settings (augment, labels, ...) is built and validated once, and build()
+        # takes the built group as it is (the Protocol's own checks still run).
+        data, problems, groups = dict(data), [], {}
+        for name, cls in self.groups.items():
+            value = data.get(name)
+            if not isinstance(value, dict):
+                continue
+            gkey = (name, repr(value))
+            if gkey not in self.group_cache:
+                try:
+                    built = build(cls, value, f"protocol.{name}")
+                    self.group_cache[gkey] = (built, to_dict(built))
+                except ConfigError as exc:
+                    self.group_cache[gkey] = exc.problems
+            found = self.group_cache[gkey]
+            if isinstance(found, list):
+                problems += found
+            else:
+                data[name], groups[name] = found
+        try:
+            protocol = build(Protocol, data, "protocol")
+        except ConfigError as exc:
+            return problems + exc.problems
+        if problems:
+            return problems
+        return protocol, {f: groups[f] if f in groups else to_dict(getattr(protocol, f)) for f in self.fields}
 
     def method_params(self, method: MethodConfig, levels: list) -> tuple[Any, dict] | list[Problem]:
         key = (method.label, repr(levels))
