@@ -7,7 +7,6 @@ before anything is written. docs/STUDIES.md describes every key.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -206,7 +205,7 @@ def load_study(path: str | Path, text: str | None = None) -> Study:
     if not isinstance(source.data, dict):
         raise StudyError([f"{path}: expected a mapping of study keys at the top level"])
     data = source.data
-    problems = list(_unrecordable(data))
+    problems = [Problem(path, message) for path, message in yamlsrc.unrecordable(data)]
     if problems:  # values no config can hold: report them alone, before they confuse other checks
         raise StudyError(render(source, problems))
     spec, problems = _build_spec(data)
@@ -224,22 +223,6 @@ def load_study(path: str | Path, text: str | None = None) -> Study:
     if problems:
         raise StudyError(render(source, list(dict.fromkeys(problems))))
     return study
-
-
-def _unrecordable(data: Any, path: str = ""):
-    """Values that cannot be stored with a result or hashed into its id: NaN and
-    infinities, and what YAML reads as dates, binary or sets."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            yield from _unrecordable(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            yield from _unrecordable(value, f"{path}[{i}]")
-    elif isinstance(data, float) and not math.isfinite(data):
-        yield Problem(path, f"expected a finite number, got {data}")
-    elif not isinstance(data, (str, int, float, bool, type(None))):
-        yield Problem(path, f"expected a number, a string, a list or a mapping, got {type(data).__name__} "
-                      f"{data!r} (quote it to make it a string)")
 
 
 # Keys whose problems do not stop the design from being checked (the design

@@ -2,6 +2,7 @@
 file, the line and the key."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,20 @@ def load(path: str | Path, text: str | None = None) -> Source:
     if node is not None:
         _walk(node, "", lines)
     return Source(path, data, lines)
+
+
+def unrecordable(data: Any, path: str = ""):
+    """(key path, message) for each value that YAML reads but no config can hold,
+    store with a result or hash into its id: NaN and infinities, and what YAML
+    reads as dates, binary or sets."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from unrecordable(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from unrecordable(value, f"{path}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        yield path, f"expected a finite number, got {data}"
+    elif not isinstance(data, (str, int, float, bool, type(None))):
+        yield path, (f"expected a number, a string, a list or a mapping, got {type(data).__name__} {data!r} "
+                     "(quote it to make it a string)")
