@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
             study = load_study(args.study)
             cells = expand(study)
-            print(f"{args.study}: ok ({len(cells)} cells)")
+            columns = ", ".join(study.factor_columns) or "none"
+            print(f"{args.study}: ok ({len(cells)} cells; design {study.spec.design.kind}; factors: {columns}; "
+                  f"seeds: {', '.join(map(str, study.spec.seeds))})")
             return 0
         if args.command == "run":
             from .driver import RunOptions, run_study

@@ -21,7 +21,7 @@ from rd3core.artifacts import ArtifactStore
 
 from .analysis import plots, summary
 from .expand import Cell, expand
-from .plan import build_plan
+from .plan import assign_resources, build_plan
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
 from .spec import Study, load_study
 
@@ -63,10 +63,10 @@ def run_study(path: str | Path, options: RunOptions) -> int:
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
     failures: list[tuple[Cell, Outcome]] = []
     if todo:
-        plan = build_plan(todo, store)
+        plan = assign_resources(build_plan(todo, store), study.spec.resources)
         for stage, (need, cached) in plan.counts().items():
             print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
-        progress = Progress(len(todo))
+        progress = Progress(len(todo), stages={s: need for s, (need, _) in plan.counts().items()})
         built: Counter[str] = Counter()
 
         def on_outcome(outcome: Outcome) -> None:
@@ -77,13 +77,10 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                     print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
                           flush=True)
             if node.stage != "posteval":
-                if outcome.error is None:
-                    if any(e["key"] == node.key for e in outcome.result.get("built", [])):
-                        progress.stage(node.stage, node.key, outcome.result["wall_s"])
-                    else:  # published meanwhile by another run sharing the store
-                        print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
-                else:
-                    print(f"    {node.stage} {node.key[:10]} FAILED: {outcome.error}", flush=True)
+                if outcome.error is None and not any(e["key"] == node.key for e in outcome.result.get("built", [])):
+                    # published meanwhile by another run sharing the store
+                    print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
+                progress.stage(node.stage, node.key, (outcome.result or {}).get("wall_s"), outcome.error)
                 return
             cell = by_key[node.key]
             with session_scope(engine) as s:  # one transaction per result, committed as it arrives
@@ -98,11 +95,14 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                 failures.append((cell, outcome))
                 progress.cell(cell_label(cell), False, outcome.error)
 
+        limits = study.spec.resources
         executor = (LocalExecutor(str(store.root)) if options.executor == "local" else
-                    RayExecutor(str(store.root), options.address, options.num_cpus, options.num_gpus))
+                    RayExecutor(str(store.root), options.address, options.num_cpus or limits.max_cpus,
+                                options.num_gpus if options.num_gpus is not None else limits.max_gpus))
         try:
             execute(plan, executor, study.spec.resources, on_outcome)
         finally:
+            progress.close()
             executor.close()
         # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
         print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
@@ -137,7 +137,7 @@ def summarise(engine, study: Study, out: Path) -> None:
     if frame.empty:
         print("no results yet")
         return
-    factors = (["method"] if len(study.methods) > 1 else []) + list(study.spec.factors)
+    factors = study.factor_columns
     combos = summary.combination_table(frame, factors)
     effects = summary.main_effects(frame, factors)
     print(f"\nfinal top-1 (%), mean and std over seeds, per factor combination:")

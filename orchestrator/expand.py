@@ -1,30 +1,37 @@
-"""Cells: the study's factor combinations x methods x seeds, each with its fully
-resolved config and a stable id (hash of that config).
+"""Cells: the design's rows x seeds, each with its fully resolved config and a
+stable id (hash of that config; the study's name and factor labels play no part,
+so identical cells in two studies share results).
+
+A cell's protocol is built in this order: its preset (the study's, a ``preset``
+factor level, or the method's native preset), the study's ``protocol.overrides``
+when the preset is the study's own ``protocol.preset``, then
+``protocol.common_overrides``, then the cell's ``protocol.*`` factor levels.
 
 Seeds are shared by every method and protocol, so method comparisons are paired.
-Distinct (preset, protocol overrides) combinations are resolved once each:
-a 10,000-cell study usually has far fewer distinct protocols than cells.
+Distinct protocols, teachers and method parameters are each resolved once: a
+10,000-cell study has far fewer of them than cells.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from rd3core.config import ConfigError, Problem, build, canonical_json, set_path, stable_hash, to_dict
+from rd3core.config import ConfigError, Problem, build, field_types, stable_hash, to_dict
 from rd3core.data import dataset_info
 from rd3core.pipeline import TeacherSpec
-from rd3core.protocol import Protocol, resolve_protocol
+from rd3core.protocol import Protocol
 from rd3core.synth import METHODS
 
-from .spec import DatasetSpec, MethodConfig, Study, StudyError, render
+from .design import NATIVE, Row
+from .factors import FactorPath, apply_level, parse_factor
+from .spec import DatasetSpec, MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render
 
 
 @dataclass(frozen=True)
 class Cell:
     key: str
     seed: int
-    factors: dict[str, Any]  # factor path -> level (plus "method" when a study has several)
+    factors: dict[str, Any]  # factor column -> level (the study's factor_columns)
     dataset: DatasetSpec
     method: MethodConfig
     preset: str | None
@@ -33,90 +40,197 @@ class Cell:
     config: dict[str, Any]  # canonical resolved config, stored with the result
 
 
-def _label_teachers(protocol: Protocol, study: Study) -> tuple[TeacherSpec, ...]:
-    by_arch = {t.arch: t for t in study.spec.teachers}
-    if protocol.labels.mode == "hard":
-        return ()
-    names = protocol.labels.teachers or (study.spec.teachers[0].arch,)
-    return tuple(by_arch[n] for n in names)
+class _Resolver:
+    """Resolves rows into (protocol, params, teachers), each distinct one once."""
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.spec = study.spec
+        self.family = dataset_info(self.spec.dataset.name).family
+        self.paths: dict[str, FactorPath | None] = {}
+        self.bases: dict[tuple, dict] = {}
+        self.protocols: dict[tuple, tuple[Protocol, dict] | list[Problem]] = {}
+        self.params: dict[tuple, tuple[Any, dict] | list[Problem]] = {}
+        self.teachers: dict[tuple, tuple[TeacherSpec, ...] | list[Problem]] = {}
+        self.teacher_dicts: dict[TeacherSpec, dict] = {}
+        self.fields = [f.name for f in fields(Protocol)]
+        self.groups = {name: tp for name, tp in field_types(Protocol).items() if is_dataclass(tp)}
+        self.group_cache: dict[tuple[str, str], tuple[Any, dict] | list[Problem]] = {}
+
+    def path(self, column: str) -> FactorPath | None:
+        if column not in self.paths:
+            self.paths[column] = None if column in ("method", "protocol") else parse_factor(column)[0]
+        return self.paths[column]
+
+    def split(self, row: Row) -> tuple[list, list, list]:
+        protocol, params, teachers = [], [], []
+        for column, level in row.levels.items():
+            path = self.path(column)
+            if path is None:
+                continue
+            if path.kind == "protocol":
+                protocol.append((path.sub, level))
+            elif path.kind == "param":
+                params.append((path.sub, level))
+            elif path.kind == "teacher":
+                teachers.append((path.teacher, path.sub, level))
+        return protocol, params, teachers
+
+    def preset(self, row: Row, method: MethodConfig) -> tuple[str | None, bool]:
+        """(preset, whether protocol.overrides apply)."""
+        arm = row.levels.get("protocol")
+        if arm == NATIVE:
+            return native_preset(method), False
+        preset = arm if arm is not None else row.levels.get("preset", self.spec.protocol.preset)
+        return preset, preset == self.spec.protocol.preset
+
+    def protocol(self, preset: str | None, customised: bool, levels: list) -> tuple[Protocol, dict] | list[Problem]:
+        key = (preset, customised, repr(levels))
+        if key not in self.protocols:
+            if (preset, customised) not in self.bases:
+                self.bases[preset, customised] = base_protocol_dict(self.spec, self.family, preset, customised)
+            data = self.bases[preset, customised]
+            for sub, level in levels:
+                data = apply_level(data, sub, level)
+            self.protocols[key] = self._build_protocol(data)
+        return self.protocols[key]
+
+    def _build_protocol(self, data: dict) -> tuple[Protocol, dict] | list[Problem]:
+        # Protocols of one study mostly differ in a few fields: each distinct group
+        # of settings (augment, labels, ...) is built and validated once, and build()
+        # takes the built group as it is (the Protocol's own checks still run).
+        data, problems, groups = dict(data), [], {}
+        for name, cls in self.groups.items():
+            value = data.get(name)
+            if not isinstance(value, dict):
+                continue
+            gkey = (name, repr(value))
+            if gkey not in self.group_cache:
+                try:
+                    built = build(cls, value, f"protocol.{name}")
+                    self.group_cache[gkey] = (built, to_dict(built))
+                except ConfigError as exc:
+                    self.group_cache[gkey] = exc.problems
+            found = self.group_cache[gkey]
+            if isinstance(found, list):
+                problems += found
+            else:
+                data[name], groups[name] = found
+        try:
+            protocol = build(Protocol, data, "protocol")
+        except ConfigError as exc:
+            return problems + exc.problems
+        if problems:
+            return problems
+        return protocol, {f: groups[f] if f in groups else to_dict(getattr(protocol, f)) for f in self.fields}
+
+    def method_params(self, method: MethodConfig, levels: list) -> tuple[Any, dict] | list[Problem]:
+        key = (method.label, repr(levels))
+        if key not in self.params:
+            if not levels:
+                self.params[key] = (method.params, to_dict(method.params))
+            else:
+                data = to_dict(method.params)
+                for sub, level in levels:
+                    data = apply_level(data, sub, level)
+                try:
+                    params = build(type(method.params), data, "method")
+                    self.params[key] = (params, to_dict(params))
+                except ConfigError as exc:
+                    self.params[key] = exc.problems
+        return self.params[key]
+
+    def teacher_list(self, levels: list) -> tuple[TeacherSpec, ...] | list[Problem]:
+        key = repr(levels)
+        if key not in self.teachers:
+            teachers = list(self.spec.teachers)
+            problems: list[Problem] = []
+            for arch, sub, level in levels:
+                i = next((j for j, t in enumerate(self.spec.teachers) if t.arch == arch), 0) if arch else 0
+                try:
+                    teachers[i] = build(TeacherSpec, apply_level(to_dict(teachers[i]), sub, level),
+                                        f"teacher[{self.spec.teachers[i].arch}]")
+                except ConfigError as exc:
+                    problems += exc.problems
+            archs = [t.arch for t in teachers]
+            if len(set(archs)) != len(archs):
+                problems.append(Problem("teachers", f"two teachers with the same arch: {archs}"))
+            self.teachers[key] = problems or tuple(teachers)
+        return self.teachers[key]
+
+    def teacher_dict(self, teacher: TeacherSpec) -> dict:
+        if teacher not in self.teacher_dicts:
+            self.teacher_dicts[teacher] = to_dict(teacher)
+        return self.teacher_dicts[teacher]
+
+
+def _cell_teachers(protocol: Protocol, teachers: tuple[TeacherSpec, ...], needs_teacher: bool
+                   ) -> tuple[TeacherSpec, ...] | Problem:
+    by_arch = {t.arch: t for t in teachers}
+    used: tuple[TeacherSpec, ...] = ()
+    if protocol.labels.mode != "hard":
+        names = protocol.labels.teachers or (teachers[0].arch,)
+        missing = [n for n in names if n not in by_arch]
+        if missing:
+            return Problem("protocol.labels.teachers", f"labels need teachers {missing} that the study does not "
+                           f"declare under 'teachers' (declared: {sorted(by_arch)})")
+        used = tuple(by_arch[n] for n in names)
+    if needs_teacher:  # the primary teacher serves synthesis: it comes first
+        used = (teachers[0],) + tuple(t for t in used if t != teachers[0])
+    return used
 
 
 def expand(study: Study) -> list[Cell]:
     spec = study.spec
-    family = dataset_info(spec.dataset.name).family
-    factor_paths = list(spec.factors)
+    resolver = _Resolver(study)
+    by_label = {m.label: m for m in study.methods}
+    columns = study.factor_columns
+    dataset = to_dict(spec.dataset)
+    info = dataset_info(spec.dataset.name)
     problems: list[Problem] = []
-    protocols: dict[str, Protocol | None] = {}
-    teacher_archs = {t.arch for t in spec.teachers}
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
-    checked: set[str] = set()
-    for index, method in enumerate(study.methods):
-        method_fields = to_dict(method.params)
-        for levels in itertools.product(*(spec.factors[p] for p in factor_paths)):
-            combo = dict(zip(factor_paths, levels))
-            preset = combo.get("preset", spec.protocol.preset)
-            overrides = dict(spec.protocol.overrides)
-            params = dict(method_fields)
-            for path, level in combo.items():
-                if path.startswith("protocol."):
-                    overrides = set_path(overrides, path[len("protocol."):], level)
-                elif path.startswith("method."):
-                    name = path[len("method."):]
-                    if name not in params:
-                        problems.append(Problem(f"factors.{path}", f"method {method.name!r} has no parameter "
-                                                f"{name!r} (it has: {', '.join(params)})"))
-                        continue
-                    params[name] = level
-            pkey = canonical_json({"preset": preset, "overrides": overrides})
-            if pkey not in protocols:
-                try:
-                    protocols[pkey] = resolve_protocol(preset, family, overrides, "protocol.overrides")
-                except ConfigError as exc:
-                    protocols[pkey] = None
-                    where = " (with " + ", ".join(f"{p}={v!r}" for p, v in combo.items()) + ")" if combo else ""
-                    problems += [Problem(p.path, p.message + where) for p in exc.problems]
-                    continue
-                missing = [t for t in protocols[pkey].labels.teachers if t not in teacher_archs]
-                if missing:
-                    problems.append(Problem("protocol.overrides.labels.teachers",
-                                            f"labels need teachers {missing} that the study does not declare "
-                                            f"under 'teachers' (declared: {sorted(teacher_archs)})"))
-                    protocols[pkey] = None
-            protocol = protocols[pkey]
-            if protocol is None:
+    methods: dict[tuple, MethodConfig] = {}
+    for row in study.design.rows:
+        method = by_label[row.levels["method"]]
+        preset, customised = resolver.preset(row, method)
+        protocol_levels, param_levels, teacher_levels = resolver.split(row)
+        resolved = [resolver.protocol(preset, customised, protocol_levels),
+                    resolver.method_params(method, param_levels), resolver.teacher_list(teacher_levels)]
+        found = [p for r in resolved if isinstance(r, list) for p in r]
+        if not found:
+            (protocol, protocol_dict), (params, params_dict), teachers = resolved
+            used = _cell_teachers(protocol, teachers, METHODS.get(method.name).needs_teacher)
+            found = [used] if isinstance(used, Problem) else []
+        if found:
+            within = ", ".join(f"{k}={v!r}" for k, v in row.levels.items())
+            problems += [Problem(row.where, f"{p.path}: {p.message} (in the cells with {within})") for p in found]
+            continue
+        mkey = (method.label, repr(param_levels))
+        if mkey not in methods:
+            methods[mkey] = method if params is method.params else replace(method, params=params)
+            # Checks that need the dataset and the teacher (e.g. SRe2L needs BatchNorm).
+            index = study.methods.index(method)
+            problems += [Problem(f"methods[{index}].{sub}", message) for sub, message in
+                         METHODS.get(method.name).problems(params, info, teachers[0].arch)]
+        factors = {c: row.levels[c] for c in columns}
+        base = {
+            "dataset": dataset,
+            "method": {"name": method.name, **params_dict},
+            "preset": preset,
+            "protocol": protocol_dict,
+            "teachers": [resolver.teacher_dict(t) for t in used],
+        }
+        for seed in row.seeds:
+            config = {**base, "seed": seed}
+            key = stable_hash(config, plain=True)  # every part is to_dict output already
+            if key in seen:
+                problems.append(Problem(row.where, f"{seen[key]} and {factors} resolve to the same config (method "
+                                        "parameters, protocol, teachers and seed): a study runs each config once; "
+                                        "make them differ, or drop one with an 'exclude' rule"))
                 continue
-            try:
-                method_params = build(METHODS.get(method.name).params, params, "methods")
-            except ConfigError as exc:
-                problems += exc.problems
-                continue
-            if canonical_json([method.name, method_params]) not in checked:  # dataset/teacher-dependent checks
-                checked.add(canonical_json([method.name, method_params]))
-                problems += [Problem(f"methods[{index}].{sub}", message) for sub, message in METHODS.get(method.name)
-                             .problems(method_params, dataset_info(spec.dataset.name), spec.teachers[0].arch)]
-            cell_method = replace(method, params=method_params)
-            teachers = _label_teachers(protocol, study)
-            if METHODS.get(method.name).needs_teacher and spec.teachers[0] not in teachers:
-                teachers = (spec.teachers[0],) + teachers
-            factors: dict[str, Any] = {"method": method.name} if len(study.methods) > 1 else {}
-            factors.update(combo)
-            for seed in spec.seeds:
-                config = {
-                    "dataset": to_dict(spec.dataset),
-                    "method": {"name": method.name, **to_dict(method_params)},
-                    "preset": preset,
-                    "protocol": to_dict(protocol),
-                    "teachers": [to_dict(t) for t in teachers],
-                    "seed": seed,
-                }
-                key = stable_hash(config)
-                if key in seen:
-                    problems.append(Problem("factors", f"two factor combinations resolve to the same cell: "
-                                            f"{seen[key]} and {factors} (seed {seed})"))
-                    continue
-                seen[key] = factors
-                cells.append(Cell(key, seed, factors, spec.dataset, cell_method, preset, protocol, teachers, config))
+            seen[key] = factors
+            cells.append(Cell(key, seed, factors, spec.dataset, methods[mkey], preset, protocol, used, config))
     if problems:
         raise StudyError(render(study.source, list(dict.fromkeys(problems))))
     return cells

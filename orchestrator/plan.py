@@ -24,6 +24,7 @@ from rd3core.config import to_dict
 from rd3core.synth import METHODS
 
 from .expand import Cell
+from .resources import Resources, ResourcesSpec
 
 STAGES = ("teacher", "synth", "posteval")
 # Stages whose outputs are results in the DB, not artifacts in the store.
@@ -40,6 +41,7 @@ class Node:
     deps: tuple[str, ...]  # ids of nodes that must finish first
     payload: dict[str, Any]  # plain data: everything the job needs
     cached: bool = False
+    resources: Resources | None = None  # what its job asks the scheduler for (see assign_resources)
 
     @property
     def id(self) -> str:
@@ -109,4 +111,14 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
                        "teachers": {arch: n.ref() for arch, n in teachers.items()},
                        "protocol": cell.config["protocol"], "seed": cell.seed,
                        "ipc": cell.config["method"].get("ipc")}))
+    return plan
+
+
+def assign_resources(plan: Plan, spec: ResourcesSpec) -> Plan:
+    """Give every node its stage's resources from the study's ``resources:`` block."""
+    per_stage: dict[str, Resources] = {}
+    for node in plan.nodes.values():
+        if node.stage not in per_stage:
+            per_stage[node.stage] = spec.for_stage(node.stage)
+        node.resources = per_stage[node.stage]
     return plan

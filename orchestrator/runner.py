@@ -9,17 +9,16 @@ gives identical numbers (same code, same seeds, same thread count).
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .plan import Node, Plan
-from .spec import Resources
 from .jobs import run_node
+from .plan import Node, Plan
+from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
+from .resources import Resources, ResourcesSpec
 
 
 @dataclass
@@ -51,7 +50,7 @@ class LocalExecutor:
         node, resources = self.queue.popleft()
         threads = torch.get_num_threads()
         try:
-            return Outcome(node, run_node(node.stage, node.key, node.payload, self.store_root, int(resources.cpus)))
+            return Outcome(node, run_node(node.stage, node.key, node.payload, self.store_root, resources.threads))
         except Exception as exc:
             return Outcome(node, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         finally:
@@ -95,8 +94,11 @@ class RayExecutor:
         self.pending: dict[Any, Node] = {}
 
     def submit(self, node: Node, resources: Resources) -> None:
-        ref = self.remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(
-            node.stage, node.key, node.payload, self.store_root, max(1, int(resources.cpus)))
+        options = {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
+        if resources.memory:
+            options["memory"] = resources.memory  # bytes; Ray schedules on it, a job over it may be killed
+        ref = self.remote.options(**options).remote(node.stage, node.key, node.payload, self.store_root,
+                                                    resources.threads)
         self.pending[ref] = node
 
     def inflight(self) -> int:
@@ -136,8 +138,13 @@ def detect_gpus() -> int:
         return 0
 
 
-def execute(plan: Plan, executor, resources: Resources, on_outcome: Callable[[Outcome], None]) -> None:
-    """Run every non-cached node of ``plan`` in dependency order."""
+def execute(plan: Plan, executor, resources: ResourcesSpec | Resources,
+            on_outcome: Callable[[Outcome], None]) -> None:
+    """Run every non-cached node of ``plan`` in dependency order, each with its
+    node's resources (else its stage's from ``resources``), at most
+    ``resources.max_concurrent`` at a time."""
+    flat = resources if isinstance(resources, Resources) else None
+    cap = None if flat else resources.max_concurrent
     done = {nid for nid, n in plan.nodes.items() if n.cached}
     failed: set[str] = set()
     waiting = {nid: set(n.deps) - done for nid, n in plan.nodes.items() if not n.cached}
@@ -145,12 +152,18 @@ def execute(plan: Plan, executor, resources: Resources, on_outcome: Callable[[Ou
     for nid in waiting:
         for dep in plan.nodes[nid].deps:
             dependents.setdefault(dep, []).append(nid)
+    ready: deque[str] = deque()
+
+    def submit_ready() -> None:
+        while ready and (cap is None or executor.inflight() < cap):
+            node = plan.nodes[ready.popleft()]
+            executor.submit(node, node.resources or flat or resources.for_stage(node.stage))
 
     def release(nid: str) -> None:
         for child in dependents.get(nid, []):
             waiting[child].discard(nid)
             if not waiting[child] and child not in failed:
-                executor.submit(plan.nodes[child], resources)
+                ready.append(child)
 
     def fail_downstream(nid: str, outcome: Outcome) -> None:
         for child in dependents.get(nid, []):
@@ -160,9 +173,8 @@ def execute(plan: Plan, executor, resources: Resources, on_outcome: Callable[[Ou
                                    traceback=outcome.traceback))
                 fail_downstream(child, outcome)
 
-    for nid, deps in waiting.items():
-        if not deps:
-            executor.submit(plan.nodes[nid], resources)
+    ready.extend(nid for nid, deps in waiting.items() if not deps)
+    submit_ready()
     while executor.inflight():
         outcome = executor.next_outcome()
         nid = outcome.node.id
@@ -173,32 +185,4 @@ def execute(plan: Plan, executor, resources: Resources, on_outcome: Callable[[Ou
         else:
             failed.add(nid)
             fail_downstream(nid, outcome)
-
-
-class Progress:
-    """One line per finished cell with counts and an ETA."""
-
-    def __init__(self, total: int, stream=sys.stdout):
-        self.total, self.done, self.failed = total, 0, 0
-        self.start = time.monotonic()
-        self.stream = stream
-
-    def cell(self, label: str, ok: bool, detail: str) -> None:
-        if ok:
-            self.done += 1
-        else:
-            self.failed += 1
-        finished = self.done + self.failed
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / finished * (self.total - finished) if finished else 0.0
-        status = "done" if ok else "FAILED"
-        print(f"[{finished}/{self.total}] {status} {label} {detail}  (elapsed {_fmt(elapsed)}, eta {_fmt(eta)})",
-              file=self.stream, flush=True)
-
-    def stage(self, stage: str, key: str, seconds: float) -> None:
-        print(f"    {stage} {key[:10]} ready in {seconds:.1f}s", file=self.stream, flush=True)
-
-
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds + 0.5), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
+        submit_ready()

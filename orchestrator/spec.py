@@ -2,27 +2,30 @@
 
 Every problem in a study is collected (not just the first) and reported as
 ``file:line: key.path: what was expected``; the CLI prints them and exits 2
-before anything is written.
+before anything is written. docs/STUDIES.md describes every key.
 """
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rd3core.config import ConfigError, Problem, build
+from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
 from rd3core.data import DATASETS, check_location
 from rd3core.pipeline import TeacherSpec
-from rd3core.protocol import PRESETS, resolve_protocol
+from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
 
 from . import yamlsrc
+from .design import DESIGN_KINDS, Design, DesignSpec, build_design
+from .factors import FactorPath, field_path_problem, level_problems, parse_factor
+from .resources import Resources, ResourcesSpec  # noqa: F401  (Resources: the per-job request)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-FACTOR_ROOTS = ("protocol.", "method.")
-FACTOR_NAMES = ("preset",)
+# Keys of a method entry that are not the method's own parameters.
+METHOD_KEYS = ("name", "label", "native_preset")
 
 
 @dataclass(frozen=True)
@@ -43,36 +46,42 @@ class DatasetSpec:
 @dataclass(frozen=True)
 class ProtocolBase:
     preset: str | None = None  # a named preset (python -m orchestrator list presets)
-    overrides: dict[str, Any] = field(default_factory=dict)  # any Protocol field, nested
+    # Any Protocol field, nested; they customise `preset` (the study's own protocol).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Applied to every protocol of the study, whatever its preset (native ones too):
+    # what makes a study fit its hardware, such as the student or the epochs.
+    common_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self):
         if self.preset is not None and self.preset not in PRESETS:
             yield "preset", PRESETS.unknown_message(self.preset)
+        for leaf in sorted(_leaves(self.overrides) & _leaves(self.common_overrides)):
+            yield f"common_overrides.{leaf}", ("also set under protocol.overrides: set it in one place "
+                                               "(common_overrides apply to every preset)")
 
 
-@dataclass(frozen=True)
-class Resources:
-    cpus: float = 1.0  # per job
-    gpus: float = 0.0  # per job; fractions share a GPU
-
-    def validate(self):
-        if self.cpus <= 0:
-            yield "cpus", f"expected > 0, got {self.cpus}"
-        if self.gpus < 0:
-            yield "gpus", f"expected >= 0, got {self.gpus}"
+def _leaves(data: Any, prefix: str = "") -> set[str]:
+    if not isinstance(data, dict) or not data:
+        return {prefix} if prefix else set()
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
 
 
 @dataclass(frozen=True)
 class StudySpec:
     name: str
     dataset: DatasetSpec
-    methods: tuple[Any, ...]  # each {name: <method>, <param>: value, ...}; checked by parse_method
+    methods: tuple[Any, ...]  # each {name, label?, native_preset?, <param>: value}; checked by parse_method
     teachers: tuple[TeacherSpec, ...] = (TeacherSpec(),)  # the first is the primary teacher
     protocol: ProtocolBase = field(default_factory=ProtocolBase)
+    design: DesignSpec | str = field(default_factory=DesignSpec)  # a mapping, or just the kind's name
     factors: dict[str, Any] = field(default_factory=dict)  # factor path -> list of levels
+    exclude: tuple[dict[str, Any], ...] = ()  # each {factor: level, ...}: combinations to drop
     seeds: tuple[int, ...] = (0,)
     description: str = ""
-    resources: Resources = field(default_factory=Resources)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
 
     def validate(self):
         if not NAME_RE.match(self.name):
@@ -85,31 +94,42 @@ class StudySpec:
             yield "seeds", "expected at least one seed"
         if len(set(self.seeds)) != len(self.seeds):
             yield "seeds", f"lists a seed twice: {list(self.seeds)}"
+        if isinstance(self.design, str) and self.design not in DESIGN_KINDS:
+            yield "design", f"unknown design {self.design!r} (known: {', '.join(DESIGN_KINDS)})"
         archs = [t.arch for t in self.teachers]
-        for arch in {a for a in archs if archs.count(a) > 1}:
-            yield "teachers", f"declares teacher {arch!r} twice (teachers are named by arch)"
-        for path, levels in self.factors.items():
-            if not (path in FACTOR_NAMES or path.startswith(FACTOR_ROOTS)):
-                yield f"factors.{path}", ("unknown factor: expected 'preset', 'protocol.<field path>' or "
-                                          "'method.<parameter>'")
-            elif not isinstance(levels, list) or not levels:
-                yield f"factors.{path}", f"expected a non-empty list of levels, got {levels!r}"
-            elif len({repr(v) for v in levels}) != len(levels):
-                yield f"factors.{path}", f"lists a level twice: {levels}"
+        for i, arch in enumerate(archs):
+            if arch in archs[:i]:
+                yield f"teachers[{i}].arch", (f"declares teacher {arch!r} twice (also teachers[{archs.index(arch)}]; "
+                                              "teachers are named by arch)")
+        for raw, levels in self.factors.items():
+            path, message = parse_factor(raw)
+            if path is None:
+                yield f"factors.{raw}", message
+            elif path.teacher is not None and path.teacher not in archs:
+                yield f"factors.{raw}", f"no teacher with arch {path.teacher!r} (declared: {', '.join(archs)})"
+            if not isinstance(levels, list) or not levels:
+                yield f"factors.{raw}", f"expected a non-empty list of levels, got {levels!r}"
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     name: str
     params: Any  # the method's frozen params dataclass
+    label: str = ""  # its level in the `method` column (default: name)
+    native_preset: str | None = None  # its published protocol (native_vs_unified)
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
 
 @dataclass(frozen=True)
 class Study:
-    spec: StudySpec
+    spec: StudySpec  # design normalised to a DesignSpec; a `seed` factor moved to seeds
     methods: tuple[MethodConfig, ...]
     source: yamlsrc.Source
     text: str
+    design: Design | None = None  # the rows to expand
 
     @property
     def name(self) -> str:
@@ -118,6 +138,11 @@ class Study:
     @property
     def text_hash(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def factor_columns(self) -> list[str]:
+        """The factor columns every cell records (method first when shown)."""
+        return list(self.design.columns) if self.design else list(self.spec.factors)
 
 
 class StudyError(ValueError):
@@ -133,6 +158,15 @@ def render(source: yamlsrc.Source, problems: list[Problem]) -> list[str]:
             for p in problems]
 
 
+def native_preset(method: MethodConfig) -> str | None:
+    """A method's published protocol: its ``native_preset``, else the preset named
+    like its label, else like its registry name."""
+    for name in (method.native_preset, method.label, method.name):
+        if name and name in PRESETS:
+            return name
+    return None
+
+
 def parse_method(entry: Any, path: str) -> tuple[MethodConfig | None, list[Problem]]:
     if not isinstance(entry, dict):
         return None, [Problem(path, f"expected a mapping with 'name' and the method's parameters, got {entry!r}")]
@@ -141,15 +175,24 @@ def parse_method(entry: Any, path: str) -> tuple[MethodConfig | None, list[Probl
     name = entry["name"]
     if not isinstance(name, str) or name not in METHODS:
         return None, [Problem(f"{path}.name", METHODS.unknown_message(str(name)))]
-    params = {k: v for k, v in entry.items() if k != "name"}
+    problems = []
+    label, native = entry.get("label", name), entry.get("native_preset")
+    if not isinstance(label, str) or not NAME_RE.match(label):
+        problems.append(Problem(f"{path}.label", f"expected a short name (letters, digits, '_', '.', '-'), got {label!r}"))
+    if native is not None and (not isinstance(native, str) or native not in PRESETS):
+        problems.append(Problem(f"{path}.native_preset", PRESETS.unknown_message(str(native))))
+    params = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
     try:
-        return MethodConfig(name, build(METHODS.get(name).params, params, path)), []
+        built = build(METHODS.get(name).params, params, path)
     except ConfigError as exc:
-        return None, exc.problems
+        return None, problems + exc.problems
+    if problems:
+        return None, problems
+    return MethodConfig(name, built, label, native), []
 
 
 def load_study(path: str | Path, text: str | None = None) -> Study:
-    """Parse and validate the study's own structure (cells are checked by expand)."""
+    """Parse and validate everything but the per-cell resolution (done by expand)."""
     path = Path(path)
     if text is None:
         if not path.is_file():
@@ -161,41 +204,184 @@ def load_study(path: str | Path, text: str | None = None) -> Study:
         raise StudyError([str(exc)]) from None
     if not isinstance(source.data, dict):
         raise StudyError([f"{path}: expected a mapping of study keys at the top level"])
-    problems: list[Problem] = []
-    spec = None
-    try:
-        spec = build(StudySpec, source.data)
-    except ConfigError as exc:
-        problems += exc.problems
-    methods: list[MethodConfig] = []
-    names: list[str] = []
-    for i, entry in enumerate(source.data.get("methods") or []):
-        method, found = parse_method(entry, f"methods[{i}]")
+    data = source.data
+    problems = [Problem(path, message) for path, message in yamlsrc.unrecordable(data)]
+    if problems:  # values no config can hold: report them alone, before they confuse other checks
+        raise StudyError(render(source, problems))
+    spec, problems = _build_spec(data)
+    methods, method_problems = _methods(data.get("methods"))
+    problems += method_problems
+    if isinstance(data.get("protocol"), dict) or spec is not None:
+        problems += _base_protocol_problems(data)
+    study = None
+    if spec is not None and not method_problems:
+        spec, found = _normalise(spec, data)
         problems += found
-        if method is not None:
-            if method.name in names:
-                problems.append(Problem(f"methods[{i}].name", f"method {method.name!r} listed twice; vary its "
-                                        "parameters with a factor such as method.ipc"))
-            names.append(method.name)
-            methods.append(method)
-    if spec is not None or isinstance(source.data.get("protocol"), dict):
-        # Check the base protocol now, so its problems are reported together
-        # with the rest (factor levels are checked cell by cell in expand).
-        problems += _base_protocol_problems(source.data)
+        if not found:
+            study, found = _check_design(Study(spec, tuple(methods), source, text))
+            problems += found
     if problems:
         raise StudyError(render(source, list(dict.fromkeys(problems))))
-    return Study(spec, tuple(methods), source, text)
+    return study
+
+
+# Keys whose problems do not stop the design from being checked (the design
+# does not depend on them), so a study with several mistakes shows them all.
+_INDEPENDENT = {"name": "study", "description": "", "dataset": {"name": "digits"}, "resources": {}}
+
+
+def _build_spec(data: dict) -> tuple[StudySpec | None, list[Problem]]:
+    try:
+        return build(StudySpec, data), []
+    except ConfigError as exc:
+        problems = exc.problems
+    roots = {re.split(r"[.\[]", p.path)[0] for p in problems}
+    unknown = roots - {f.name for f in fields(StudySpec)}
+    if roots - unknown <= set(_INDEPENDENT):
+        patched = {k: v for k, v in data.items() if k not in unknown}
+        patched.update({k: _INDEPENDENT[k] for k in roots - unknown})
+        try:  # only to check the rest: the problems found are raised anyway
+            return build(StudySpec, patched), problems
+        except ConfigError:
+            pass
+    return None, problems
+
+
+def _methods(entries: Any) -> tuple[list[MethodConfig], list[Problem]]:
+    problems: list[Problem] = []
+    methods: list[MethodConfig] = []
+    labels: dict[str, int] = {}
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        method, found = parse_method(entry, f"methods[{i}]")
+        problems += found
+        if method is None:
+            continue
+        if method.label in labels:
+            key = "label" if isinstance(entry, dict) and "label" in entry else "name"
+            problems.append(Problem(f"methods[{i}].{key}", f"method {method.label!r} is listed twice (also "
+                                    f"methods[{labels[method.label]}]): vary its parameters with a factor such as "
+                                    "method.ipc, or give each entry its own 'label'"))
+        labels.setdefault(method.label, i)
+        methods.append(method)
+    return methods, problems
+
+
+def _normalise(spec: StudySpec, data: dict) -> tuple[StudySpec, list[Problem]]:
+    """A design given by name becomes a DesignSpec; a `seed` factor becomes the seeds."""
+    problems: list[Problem] = []
+    design = DesignSpec(kind=spec.design) if isinstance(spec.design, str) else spec.design
+    factors = dict(spec.factors)
+    seeds = spec.seeds
+    if "seed" in factors:
+        levels = factors.pop("seed")
+        if "seeds" in data:
+            problems.append(Problem("factors.seed", "the seeds are given twice (here and under 'seeds'): keep one"))
+        elif not all(isinstance(s, int) and not isinstance(s, bool) for s in levels):
+            problems.append(Problem("factors.seed", f"expected a list of int seeds, got {levels!r}"))
+        else:
+            seeds = tuple(levels)
+    for i, group in enumerate(design.zip):
+        if "seed" in group:
+            problems.append(Problem(f"design.zip[{i}]", "seeds are crossed with every cell so that comparisons "
+                                    "stay paired: 'seed' cannot be zipped"))
+    return replace(spec, design=design, factors=factors, seeds=seeds), problems
+
+
+def _family(data: dict) -> str:
+    dataset = data.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    return DATASETS.get(name)[0].family if isinstance(name, str) and name in DATASETS else "cifar"
 
 
 def _base_protocol_problems(data: dict) -> list[Problem]:
+    """The study's own protocol (preset + overrides) and the common overrides
+    on their own, so their problems are reported with the rest."""
     base = data.get("protocol") or {}
-    preset, overrides = base.get("preset"), base.get("overrides") or {}
-    if (preset is not None and preset not in PRESETS) or not isinstance(overrides, dict):
+    if not isinstance(base, dict):
+        return []
+    preset, overrides, common = base.get("preset"), base.get("overrides") or {}, base.get("common_overrides") or {}
+    if (preset is not None and (not isinstance(preset, str) or preset not in PRESETS)) or \
+            not isinstance(overrides, dict) or not isinstance(common, dict):
         return []  # already reported by the StudySpec build
-    dataset = (data.get("dataset") or {}).get("name") if isinstance(data.get("dataset"), dict) else None
-    family = DATASETS.get(dataset)[0].family if dataset in DATASETS else "cifar"
-    try:
-        resolve_protocol(preset, family, overrides, "protocol.overrides")
-    except ConfigError as exc:
-        return exc.problems
-    return []
+    family = _family(data)
+    problems: list[Problem] = []
+    for where, extra in (("protocol.overrides", overrides), ("protocol.common_overrides", common)):
+        if extra or where == "protocol.overrides":
+            try:
+                resolve_protocol(preset, family, extra, where)
+            except ConfigError as exc:
+                problems += exc.problems
+    return problems
+
+
+def base_protocol_dict(spec: StudySpec, family: str, preset: str | None, customised: bool) -> dict:
+    """Plain protocol data before factor levels: the preset, its overrides when
+    it is the study's own protocol, then the common overrides."""
+    data = preset_protocol_dict(preset, family) if preset else {}
+    if customised:
+        data = merge(data, spec.protocol.overrides)
+    return merge(data, spec.protocol.common_overrides)
+
+
+def _check_design(study: Study) -> tuple[Study, list[Problem]]:
+    """Build the design's rows and check each factor level on its own."""
+    spec = study.spec
+    labels = [m.label for m in study.methods]
+    design, problems = build_design(spec.design, spec.factors, labels, spec.protocol.preset, spec.seeds,
+                                    spec.exclude)
+    if spec.design.kind == "native_vs_unified":
+        for i, method in enumerate(study.methods):
+            if native_preset(method) is None:
+                problems.append(Problem(f"methods[{i}].name", f"method {method.label!r} has no published preset "
+                                        "of the same name: give its entry native_preset: <preset> (presets: "
+                                        f"{', '.join(PRESETS.names())})"))
+    if design is None:
+        return study, problems
+    by_label = {m.label: m for m in study.methods}
+    family = _family(study.source.data)
+    protocol_base = base_protocol_dict(spec, family, spec.protocol.preset, True)
+    teachers = {t.arch: t for t in spec.teachers}
+    params_seen: set[tuple[str, str]] = set()
+    for (column, _), (level, where) in design.levels.items():
+        if column == "method":
+            if not isinstance(level, str) or level not in by_label:
+                problems.append(Problem(where, f"unknown method {level!r}: expected the label of a method listed "
+                                        f"under 'methods' ({', '.join(labels)})"))
+            continue
+        if column in ("protocol", "seed"):
+            continue
+        path, message = parse_factor(column)
+        if path is None or path.kind == "seed":
+            continue  # reported where the name is
+        if path.kind == "preset":
+            if not isinstance(level, str) or level not in PRESETS:
+                problems.append(Problem(where, PRESETS.unknown_message(str(level))))
+        elif path.kind == "protocol":
+            problems += level_problems(path, level, where, protocol_base=protocol_base)
+        elif path.kind == "teacher":
+            problems += level_problems(path, level, where, teacher=teachers.get(path.teacher, spec.teachers[0]))
+    for row in design.rows:  # method parameters: checked against the methods each level meets
+        label = row.levels.get("method")
+        method = by_label.get(label) if isinstance(label, str) else None
+        if method is None:
+            continue
+        for column, level in row.levels.items():
+            if not column.startswith("method."):
+                continue
+            seen_key = (method.label, column + "=" + repr(level))
+            if seen_key in params_seen:
+                continue
+            params_seen.add(seen_key)
+            problems += _param_problems(method, parse_factor(column)[0], level, design, column)
+    return replace(study, design=design), list(dict.fromkeys(problems))
+
+
+def _param_problems(method: MethodConfig, path: FactorPath, level: Any, design: Design, column: str) -> list[Problem]:
+    where = design.levels[(column, canonical_json(level))][1]
+    cls = type(method.params)
+    missing = field_path_problem(cls, path.sub)
+    if missing:
+        return [Problem(where.rsplit("[", 1)[0] if where.startswith("factors.") else where,
+                        f"method {method.label!r} has no parameter {path.sub!r}: {missing}")]
+    return level_problems(path, level, where, params=(method.label, cls, to_dict(method.params)))
+

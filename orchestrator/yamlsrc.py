@@ -2,6 +2,7 @@
 file, the line and the key."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _located(exc: yaml.MarkedYAMLError, text: str) -> tuple[int | None, str]:
+    """The line to blame and the message. A construct left open (an unclosed
+    bracket or quote) fails only at the end of the file: blame where it opened."""
+    problem, context = exc.problem_mark, exc.context_mark
+    message = f"YAML error: {exc.problem or exc}"
+    if context is not None and exc.context:
+        message += f" ({exc.context} that starts on line {context.line + 1})"
+    at_end = problem is not None and problem.index >= len(text.rstrip())
+    mark = context if (at_end and context is not None) or problem is None else problem
+    return (mark.line + 1 if mark else None), message
+
+
 def load(path: str | Path, text: str | None = None) -> Source:
     path = str(path)
     if text is None:
@@ -71,11 +84,27 @@ def load(path: str | Path, text: str | None = None) -> Source:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise YamlSyntaxError(path, mark.line + 1 if mark else None, f"YAML error: {exc.problem or exc}") from None
+        raise YamlSyntaxError(path, *_located(exc, text)) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(path, None, f"YAML error: {exc}") from None
     lines: dict[str, int] = {}
     if node is not None:
         _walk(node, "", lines)
     return Source(path, data, lines)
+
+
+def unrecordable(data: Any, path: str = ""):
+    """(key path, message) for each value that YAML reads but no config can hold,
+    store with a result or hash into its id: NaN and infinities, and what YAML
+    reads as dates, binary or sets."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from unrecordable(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from unrecordable(value, f"{path}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        yield path, f"expected a finite number, got {data}"
+    elif not isinstance(data, (str, int, float, bool, type(None))):
+        yield path, (f"expected a number, a string, a list or a mapping, got {type(data).__name__} {data!r} "
+                     "(quote it to make it a string)")

@@ -69,6 +69,7 @@ def _type_name(tp: Any) -> str:
 
 
 _hints_cache: dict[type, dict[str, Any]] = {}
+_PLAIN = frozenset((str, int, float, bool, type(None)))
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -77,8 +78,19 @@ def field_types(cls: type) -> dict[str, Any]:
     return _hints_cache[cls]
 
 
+_fields_cache: dict[type, dict[str, dataclasses.Field]] = {}
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    if cls not in _fields_cache:
+        _fields_cache[cls] = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    return _fields_cache[cls]
+
+
 def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
     """Return ``value`` as type ``tp`` or append a Problem and return _BAD."""
+    if type(value) is tp and tp in _PLAIN:  # the common case, first: large studies build many configs
+        return value
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -145,7 +157,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
 
 def _build(cls: type, data: Mapping, path: str, problems: list[Problem]) -> Any:
     hints = field_types(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _init_fields(cls)
     kwargs: dict[str, Any] = {}
     blocked = False  # a value we cannot construct with; unknown keys do not block
     for key, value in data.items():
@@ -180,10 +192,25 @@ def build(cls: type, data: Mapping | None, path: str = "") -> Any:
     return obj
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def to_dict(obj: Any) -> Any:
     """Canonical plain-data form (tuples become lists), as stored and hashed."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    # Exact-type fast paths first: every cell id hashes its whole resolved
+    # config, and the generic checks below dominate expanding large studies.
+    kind = type(obj)
+    if kind in _PLAIN:
+        return obj
+    if kind is dict:
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if kind is list or kind is tuple:
+        return [to_dict(v) for v in obj]
+    names = _FIELD_NAMES.get(kind)
+    if names is None and dataclasses.is_dataclass(kind):
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    if names is not None:
+        return {name: to_dict(getattr(obj, name)) for name in names}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -191,13 +218,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def canonical_json(data: Any) -> str:
+def canonical_json(data: Any, *, plain: bool = False) -> str:
+    """``plain=True`` skips :func:`to_dict` for data that is already its output
+    (same text, a walk saved per call when hashing many configs)."""
     # allow_nan=False: NaN != NaN would give one config two hashes.
-    return json.dumps(to_dict(data), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return json.dumps(data if plain else to_dict(data), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def stable_hash(data: Any, length: int = 16) -> str:
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:length]
+def stable_hash(data: Any, length: int = 16, *, plain: bool = False) -> str:
+    return hashlib.sha256(canonical_json(data, plain=plain).encode()).hexdigest()[:length]
 
 
 def get_path(obj: Any, dotted: str) -> Any:

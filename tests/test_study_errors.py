@@ -45,3 +45,51 @@ def test_several_problems_are_reported_at_once(tmp_path):
     proc = run_cli("validate", str(study))
     assert proc.returncode == 2
     assert "mnist" in proc.stderr and "thirty" in proc.stderr
+
+
+# --- the corpus of malformed studies -------------------------------------------------
+# Each file in tests/data/bad_studies/ states what it must produce in header lines
+# "# expect: LINE: KEY: FRAGMENT" (LINE or KEY "-" when the message has none).
+
+import re
+from pathlib import Path
+
+from orchestrator.cli import main
+
+BAD_DIR = Path(__file__).parent / "data" / "bad_studies"
+BAD = sorted(BAD_DIR.glob("*.yaml"))
+EXPECT = re.compile(r"^# expect: (?P<line>\d+|-): (?P<key>\S+): (?P<fragment>.+)$")
+
+
+def expectations(path: Path) -> list[tuple[str, str, str]]:
+    found = [EXPECT.match(line) for line in path.read_text().splitlines()]
+    return [(m["line"], m["key"], m["fragment"]) for m in found if m]
+
+
+def test_the_corpus_is_large_and_every_file_states_its_expectation():
+    assert len(BAD) >= 25
+    for path in BAD:
+        assert expectations(path), f"{path.name} has no '# expect:' line"
+
+
+@pytest.mark.parametrize("study", BAD, ids=lambda p: p.stem)
+def test_bad_study_gives_its_message_and_exit_2(study, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", str(study), "--out", str(out), "--executor", "local"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert lines and all(line.startswith(f"error: {study}") for line in lines), err
+    for line, key, fragment in expectations(study):
+        prefix = f"error: {study}" + (f":{line}" if line != "-" else "") + ": " + (f"{key}: " if key != "-" else "")
+        assert any(l.startswith(prefix) and fragment in l for l in lines), f"wanted {prefix}...{fragment}\n{err}"
+    assert not out.exists()
+
+
+def test_validate_in_a_real_process_reports_all_and_writes_nothing(tmp_path):
+    study = BAD_DIR / "several_mistakes.yaml"
+    proc = run_cli("validate", str(study), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == len(expectations(study))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,130 @@
+"""What each job asks the scheduler for: the study's ``resources:`` block.
+
+Study-wide defaults (``cpus``, ``gpus``, ``memory``) apply to every stage; a
+stage block (``teacher``, ``synth``, ``labels``, ``posteval``) overrides any of
+them for that stage's jobs. ``max_cpus``/``max_gpus`` say how much the study may
+use at once (a job that asks for more could never be scheduled: Ray would leave
+it pending forever, so it is refused up front), and ``max_concurrent`` caps the
+jobs in flight.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+RESOURCE_STAGES = ("teacher", "synth", "labels", "posteval")
+
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Bytes from an int or a string such as ``"8GB"``, ``"512MiB"``, ``"2.5G"``;
+    ValueError with what was expected otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"expected a positive size, got {value}")
+        return value
+    match = _MEMORY_RE.match(str(value))
+    if not match:
+        raise ValueError(f"expected bytes or a size such as '8GB' or '512MiB', got {value!r}")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks for (resolved: no inheritance left)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: int | None = None  # bytes; None: no reservation
+
+    @property
+    def threads(self) -> int:
+        # Same torch thread count in every executor, so the numbers match.
+        return max(1, int(self.cpus))
+
+
+def _job_problems(cpus: float | None, gpus: float | None, memory: int | str | None):
+    if cpus is not None and cpus <= 0:
+        yield "cpus", f"expected a number of CPUs > 0 per job, got {cpus}"
+    if gpus is not None:
+        if gpus < 0:
+            yield "gpus", f"expected a number of GPUs >= 0 per job, got {gpus}"
+        elif gpus > 1 and gpus != int(gpus):
+            # Ray shares a GPU only below one; above one it must be whole GPUs.
+            yield "gpus", f"expected a fraction below 1 or a whole number of GPUs, got {gpus}"
+    try:
+        parse_memory(memory)
+    except ValueError as exc:
+        yield "memory", str(exc)
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """One stage's overrides; None inherits the study-wide value."""
+
+    cpus: float | None = None
+    gpus: float | None = None
+    memory: int | str | None = None
+
+    def validate(self):
+        yield from _job_problems(self.cpus, self.gpus, self.memory)
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    cpus: float = 1.0  # per job, every stage unless the stage says otherwise
+    gpus: float = 0.0  # per job; a fraction below 1 lets jobs share a GPU
+    memory: int | str | None = None  # per job: bytes or '8GB', '512MiB'; None: no reservation
+    max_concurrent: int | None = None  # jobs in flight at once (None: as many as fit)
+    max_cpus: int | None = None  # the most CPUs the study may use at once
+    max_gpus: int | None = None  # the most GPUs the study may use at once
+    teacher: StageResources = field(default_factory=StageResources)
+    synth: StageResources = field(default_factory=StageResources)
+    labels: StageResources = field(default_factory=StageResources)
+    posteval: StageResources = field(default_factory=StageResources)
+
+    def validate(self):
+        yield from _job_problems(self.cpus, self.gpus, self.memory)
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            yield "max_concurrent", f"expected >= 1 job in flight, got {self.max_concurrent}"
+        for name in ("max_cpus", "max_gpus"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "max_cpus" else 0):
+                yield name, f"expected >= {1 if name == 'max_cpus' else 0}, got {value}"
+        limits = {"cpus": self.max_cpus, "gpus": self.max_gpus}
+        for kind, limit in limits.items():
+            if limit is None or limit < 0:
+                continue
+            # The study-wide default once, then each stage that sets its own.
+            asks = [("", "every", getattr(self, kind))] + [
+                (f"{stage}.", stage, getattr(getattr(self, stage), kind)) for stage in RESOURCE_STAGES]
+            for prefix, who, value in asks:
+                if value is not None and value > limit:
+                    yield f"{prefix}{kind}", (f"{who} job asks for {value:g} {kind.upper()[:-1]}s but the study "
+                                              f"allows at most max_{kind}={limit}: such a job could never start")
+
+    def _merge(self, own: StageResources) -> Resources:
+        def pick(name):
+            value = getattr(own, name)
+            return getattr(self, name) if value is None else value
+        memory = pick("memory")
+        try:
+            memory = parse_memory(memory)
+        except ValueError:
+            memory = None  # reported by validate()
+        return Resources(cpus=float(pick("cpus")), gpus=float(pick("gpus")), memory=memory)
+
+    def for_stage(self, stage: str) -> Resources:
+        """The resolved request of one job of ``stage`` (stages without their own
+        block, such as ones added later, get the study-wide defaults)."""
+        own = getattr(self, stage, None)
+        return self._merge(own if isinstance(own, StageResources) else StageResources())
