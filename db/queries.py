@@ -58,13 +58,6 @@ def cells_frame(engine: Engine, study: str) -> pd.DataFrame:
     return frame if len(frame) else pd.DataFrame(columns=["cell_key", "seed", "status"])
 
 
-def study_factor_names(engine: Engine, study: str) -> list[str]:
-    """The factor paths of ``study``'s cells, in first-seen order."""
-    with session_scope(engine) as s:
-        rows = s.scalars(select(Cell.factors).join(Study).where(Study.name == study).order_by(Cell.id)).all()
-    return list(dict.fromkeys(name for factors in rows for name in (factors or {})))
-
-
 EPOCH_COLUMNS = ["cell_key", "epoch", "loss", "lr", "test_top1", "heldout_top1", "time_s"]
 
 

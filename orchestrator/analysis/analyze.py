@@ -81,12 +81,7 @@ def headlines(result: dict[str, Any]) -> list[str]:
     att = result["attribution"]
     out = [f"No variance attribution: {att['absent']}."] if "absent" in att else share_sentences(result)
     comp = result["comparisons"]
-    for row in comp.get("native_vs_shared", {}).get("rows", []):
-        where = ", ".join(f"{k}={v}" for k, v in row["others"].items())
-        out.append(f"Best-to-worst method spread: {100 * row['spread_native']:.1f} points under each method's "
-                   f"native preset vs {100 * row['spread_shared']:.1f} under {row['shared']}"
-                   f"{' (' + where + ')' if where else ''}; reduction {100 * row['reduction']:.1f} points"
-                   f"{ci_text(row['reduction_ci'])}.")
+    out += spread_sentences(comp.get("native_vs_shared", {}).get("rows", []))
     taus = [k["tau"] for k in comp.get("kendall", []) if k["tau"] is not None]
     if taus:
         flips = comp["flips"]
@@ -102,6 +97,27 @@ def headlines(result: dict[str, Any]) -> list[str]:
         out.append(f"The design is unbalanced ({result['design']['combinations_missing']} empty combinations, "
                    f"{result['design']['seeds_per_combination_min']}-{result['design']['seeds_per_combination_max']}"
                    f" seeds per combination): Type III sums of squares.")
+    return out
+
+
+def spread_sentences(rows: list[dict]) -> list[str]:
+    """RD3's headline, one sentence per shared protocol (ranges when the other
+    factors give several settings)."""
+    out = []
+    for shared in dict.fromkeys(r["shared"] for r in rows):
+        mine = [r for r in rows if r["shared"] == shared]
+        if len(mine) == 1:
+            r = mine[0]
+            where = ", ".join(f"{k}={v}" for k, v in r["others"].items())
+            out.append(f"Best-to-worst method spread: {100 * r['spread_native']:.1f} points under each method's "
+                       f"native preset vs {100 * r['spread_shared']:.1f} under {shared}"
+                       f"{' (' + where + ')' if where else ''}; reduction {100 * r['reduction']:.1f} points"
+                       f"{ci_text(r['reduction_ci'])}.")
+            continue
+        span = lambda key: f"{100 * min(r[key] for r in mine):.1f}-{100 * max(r[key] for r in mine):.1f}"  # noqa: E731
+        out.append(f"Best-to-worst method spread over {len(mine)} settings of the other factors: "
+                   f"{span('spread_native')} points under each method's native preset vs {span('spread_shared')} "
+                   f"under {shared}; reduction {span('reduction')} points (per setting in the spread table).")
     return out
 
 
