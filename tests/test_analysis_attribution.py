@@ -139,6 +139,7 @@ def test_unbalanced_and_missing_cells_are_reported(tmp_path):
     assert any("not analysed" in h for h in result["headlines"])
 
 
+@pytest.mark.slow
 def test_analyze_cli_json_and_table(tmp_path):
     effects, sd = SCENARIOS["method_dominates"]
     url = write_study(tmp_path / "c.sqlite", "cli", FACTORS, list(range(3)), effects, sd,

@@ -78,18 +78,6 @@ class Design:
     def method(self) -> str | None:
         return METHOD if METHOD in self.factors and len(self.levels[METHOD]) > 1 else None
 
-    def group_of(self, name: str) -> str:
-        return factor_group(name)
-
-    def in_group(self, group: str) -> list[str]:
-        return [f for f in self.factors if factor_group(f) == group]
-
-    @property
-    def setting_factors(self) -> list[str]:
-        """Everything except the ``method`` column: one combination is one setting
-        under which methods are compared."""
-        return [f for f in self.factors if f != METHOD]
-
     def not_analysed(self) -> pd.DataFrame:
         """Stored cells that are not in the analysis, with the reason."""
         done = set(self.frame["cell_key"])
