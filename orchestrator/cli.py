@@ -15,6 +15,7 @@ from rd3core.models import list_models
 from rd3core.protocol import list_presets
 from rd3core.synth import list_methods
 
+from .analysis.design import AnalysisError
 from .spec import StudyError
 
 LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods}
@@ -56,6 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="print registered names, one per line")
     lst.add_argument("what", choices=sorted(LISTS))
+
+    helps = {"analyze": "attribute accuracy differences to method, protocol, interaction and seeds (ANOVA, "
+                        "paired differences, rankings, DD-Ranking metrics)",
+             "plot": "write the study's plots (PNG and PDF) under OUT/<study>/",
+             "report": "write OUT/<study>/report.md and a self-contained report.html"}
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("study", help="the study's name in the database, or its YAML file")
+        cmd.add_argument("--out", type=Path, default=Path("results"),
+                         help="results folder: the DB (OUT/rd3.sqlite unless --db) and OUT/<study>/ for outputs")
+        cmd.add_argument("--db", help="SQLAlchemy URL of the results DB (default: sqlite in --out)")
+        cmd.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                         help="bootstrap draws over seeds for every interval (default 1000)")
+        cmd.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+        cmd.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+        if name == "analyze":
+            cmd.add_argument("--format", choices=["table", "json"], default="table",
+                             help="table (terminal) or json (one JSON object on stdout)")
     return parser
 
 
@@ -93,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                 return cache.list_cache(args.out)
             return cache.gc_cache(args.out, args.studies, db_url(RunOptions(out=args.out, db=args.db)),
                                   dry_run=args.dry_run, tmp_grace_s=args.tmp_grace_s)
+        if args.command in ("analyze", "plot", "report"):
+            from .analysis import commands
+
+            options = commands.AnalysisOptions(args.study, args.out, args.db, args.bootstrap, args.bootstrap_seed,
+                                               args.level)
+            if args.command == "analyze":
+                return commands.cmd_analyze(options, args.format)
+            return commands.cmd_plot(options) if args.command == "plot" else commands.cmd_report(options)
+    except AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StudyError as exc:
         for message in exc.messages:
             print(f"error: {message}", file=sys.stderr)

@@ -19,7 +19,8 @@ from db.schema import upgrade
 from db.session import make_engine, session_scope, sqlite_url
 from rd3core.artifacts import ArtifactStore
 
-from .analysis import plots, summary
+from .analysis import commands, summary
+from .analysis.design import load_design
 from .expand import Cell, expand
 from .plan import assign_resources, build_plan
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
@@ -131,13 +132,18 @@ def result_metrics(result: dict) -> dict[str, float]:
 
 
 def summarise(engine, study: Study, out: Path) -> None:
-    frame = results_frame(engine, study.name)
+    """Mean and std per factor combination and per level on the terminal, CSVs,
+    then the quick attribution (shares with intervals, headlines, analysis.json,
+    main-effects and variance-share plots)."""
+    raw = results_frame(engine, study.name)
     folder = out / study.name
     folder.mkdir(parents=True, exist_ok=True)
-    if frame.empty:
+    if raw.empty:
         print("no results yet")
         return
-    factors = study.factor_columns
+    # Factor levels as strings in the study's order (mappings as JSON), only finite top1.
+    design = load_design(engine, study.name)
+    frame, factors = design.frame, list(design.levels)
     combos = summary.combination_table(frame, factors)
     effects = summary.main_effects(frame, factors)
     print(f"\nfinal top-1 (%), mean and std over seeds, per factor combination:")
@@ -145,10 +151,20 @@ def summarise(engine, study: Study, out: Path) -> None:
     if not effects.empty:
         print(f"\nper factor level (main effects):")
         print(summary.format_table(effects))
-    frame.to_csv(folder / "results.csv", index=False)
+    missing = design.not_analysed()
+    if len(missing):
+        print(f"\n{len(missing)} stored cell(s) not in these tables (" +
+              ", ".join(f"{n} {s}" for s, n in missing["reason"].value_counts().items()) +
+              f"): python -m orchestrator analyze {study.name} --out {out} lists them")
+    raw.to_csv(folder / "results.csv", index=False)
     combos.to_csv(folder / "combinations.csv", index=False)
     effects.to_csv(folder / "main_effects.csv", index=False)
-    written = plots.main_effects_plot(frame, factors, folder, f"{study.name}: main effects on final top-1")
-    (folder / "summary.json").write_text(json.dumps({"cells": len(frame), "factors": factors}, indent=1))
+    (folder / "summary.json").write_text(json.dumps({"cells": len(raw), "factors": factors}, indent=1))
+    try:
+        written = commands.run_summary(engine, study.name, folder)
+    except Exception as exc:  # noqa: BLE001 - the results are stored; the analysis can be rerun alone
+        print(f"warning: the analysis failed ({exc.__class__.__name__}: {exc}); results are stored: "
+              f"rerun it with python -m orchestrator report {study.name} --out {out}", file=sys.stderr)
+        written = []
     for p in written:
         print(f"wrote {p}")
