@@ -15,12 +15,13 @@ from db import records
 from db.models import CellStatus
 from db.queries import cell_status, results_frame
 from db.schema import upgrade
-from db.session import make_engine, session_scope, sqlite_url
+from db.session import make_engine, results_url, session_scope
 from rd3core.artifacts import ArtifactStore
 
 from .analysis import plots, summary
 from .expand import Cell, expand
 from .plan import build_plan
+from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
 from .spec import Study, load_study
 
@@ -36,7 +37,7 @@ class RunOptions:
 
 
 def db_url(options: RunOptions) -> str:
-    return options.db or sqlite_url(options.out / "rd3.sqlite")
+    return results_url(options.db, options.out)
 
 
 def cell_label(cell: Cell) -> str:
@@ -49,51 +50,53 @@ def run_study(path: str | Path, options: RunOptions) -> int:
     cells = expand(study)
     options.out.mkdir(parents=True, exist_ok=True)
     engine = make_engine(db_url(options))
-    upgrade(engine)
+    upgrade(engine)  # before any job runs; refuses a database from newer code
     store = ArtifactStore(options.out / "artifacts")
     with session_scope(engine) as s:
         row = records.ensure_study(s, study.name, study.text, study.text_hash)
         study_id = row.id
         ids = records.sync_cells(s, row, [{"cell_key": c.key, "seed": c.seed, "factors": c.factors,
                                            "config": c.config} for c in cells])
+        stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
     status = cell_status(engine, study.name)
     todo = [c for c in cells if status.get(c.key) != CellStatus.done.value]
     by_key = {c.key: c for c in cells}
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    if stale:
+        print(f"  {stale} attempt(s) left running by a stopped driver recorded as failed")
     failures: list[tuple[Cell, Outcome]] = []
     if todo:
         plan = build_plan(todo, store)
         for stage, (need, cached) in plan.counts().items():
             print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
         progress = Progress(len(todo))
+        recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
 
         def on_outcome(outcome: Outcome) -> None:
             node = outcome.node
             if node.stage != "posteval":
                 if outcome.error is None:
+                    recorder.stage_done(node)
                     progress.stage(node.stage, node.key, outcome.result["wall_s"])
                 else:
                     print(f"    {node.stage} {node.key[:10]} FAILED: {outcome.error}", flush=True)
                 return
             cell = by_key[node.key]
-            with session_scope(engine) as s:  # one transaction per result, committed as it arrives
-                if outcome.error is None:
-                    metrics = result_metrics(outcome.result)
-                    records.record_result(s, ids[cell.key], metrics, outcome.result["epochs"])
-                else:
-                    records.set_status(s, ids[cell.key], CellStatus.failed)
             if outcome.error is None:
+                recorder.cell_done(outcome, result_metrics(outcome.result))
                 progress.cell(cell_label(cell), True, f"top1={100 * outcome.result['metrics']['top1']:.2f}%")
             else:
+                recorder.cell_failed(outcome)
                 failures.append((cell, outcome))
                 progress.cell(cell_label(cell), False, outcome.error)
 
         executor = (LocalExecutor(str(store.root)) if options.executor == "local" else
                     RayExecutor(str(store.root), options.address, options.num_cpus, options.num_gpus))
         try:
-            execute(plan, executor, study.spec.resources, on_outcome)
+            execute(plan, Announcing(executor, recorder.submitted), study.spec.resources, on_outcome)
         finally:
             executor.close()
+            recorder.close("the driver stopped before this attempt finished")
     if not failures:
         with session_scope(engine) as s:
             records.finish_study(s, study_id)

@@ -5,10 +5,13 @@ provenance) returns to the driver as plain data.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import socket
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,9 +59,27 @@ def load_teacher(store_root: str, ref: dict, dataset: dict, runtime: Runtime) ->
     return _TEACHERS[cache_key]
 
 
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    """Versions of what computes the numbers, as installed on this worker (the
+    project itself from pyproject.toml when run from a checkout, not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in ("torchvision", "timm", "ray", "rd3bench"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if versions["rd3bench"] is None and pyproject.is_file():
+        import tomllib
+
+        versions["rd3bench"] = tomllib.loads(pyproject.read_text())["project"]["version"]
+    return versions
+
+
 def environment() -> dict[str, Any]:
     info = {"host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), **package_versions()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -73,7 +94,8 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
     store = ArtifactStore(store_root)
     dataset = _get_dataset(payload["dataset"])
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__}
+    out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__,
+                           "started_at": datetime.now(timezone.utc).isoformat()}
     if stage == "teacher":
         if not store.exists("teacher", key):
             spec = build(TeacherSpec, payload["teacher"])
