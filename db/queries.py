@@ -75,9 +75,8 @@ def attempts_frame(engine: Engine, study: str, latest_only: bool = True) -> pd.D
     latest = (select(Attempt.cell_id, func.max(Attempt.number).label("number")).group_by(Attempt.cell_id)
               .subquery())
     query = (select(Cell.cell_key, Cell.seed, Attempt.number, type_coerce(Attempt.status, String).label("status"),
-                    Attempt.started_at,
-                    Attempt.ended_at, Attempt.heartbeat_at, Attempt.host, Attempt.device, Attempt.error_type,
-                    Attempt.error_message)
+                    Attempt.started_at, Attempt.ended_at, Attempt.heartbeat_at, Attempt.host, Attempt.device,
+                    Attempt.error_type, Attempt.error_message)
              .join(Cell, Cell.id == Attempt.cell_id).join(Study).where(Study.name == study))
     if latest_only:
         query = query.join(latest, and_(latest.c.cell_id == Attempt.cell_id, latest.c.number == Attempt.number))

@@ -1,6 +1,9 @@
 """Writes. Only the orchestrator's driver calls these, each inside one
 session_scope (one transaction), so a result is either fully stored or not at all.
 
+The per-result calls take a Session or a plain Connection (``engine.begin()``:
+less overhead per result, which the driver uses).
+
 Attempts: ``start_attempt`` when a cell's job is handed to an executor,
 ``heartbeat`` while it runs, ``finish_attempt`` with done/failed (error type,
 message and traceback on failure), ``record_provenance`` for what produced it.
@@ -10,14 +13,20 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import Integer, String, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Integer, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .models import (EPOCH_FLOATS, Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, CellStatus,
                      EpochMetric, Metric, Provenance, Study, utcnow)
 from .types import UTCDateTime, encode_factor, split_float
+
+Tx = Session | Connection  # one transaction: session_scope(engine) or engine.begin()
+
+
+def _conn(tx: Tx) -> Connection:
+    return tx.connection() if isinstance(tx, Session) else tx
 
 
 def ensure_study(session: Session, name: str, spec_text: str, spec_hash: str) -> Study:
@@ -43,14 +52,15 @@ def sync_cells(session: Session, study: Study, cells: Iterable[Mapping[str, Any]
     new = {c["cell_key"]: c for c in cells if c["cell_key"] not in existing}
     if not new:
         return existing
-    session.execute(insert(Cell), [{"study_id": study.id, "cell_key": key, "seed": c["seed"],
-                                    "factors": dict(c["factors"]), "config": dict(c["config"]),
-                                    "status": CellStatus.pending} for key, c in new.items()])
+    conn = _conn(session)  # Core executemany: a 100k-cell study syncs in seconds
+    conn.execute(Cell.__table__.insert(), [{"study_id": study.id, "cell_key": key, "seed": c["seed"],
+                                            "factors": dict(c["factors"]), "config": dict(c["config"]),
+                                            "status": CellStatus.pending} for key, c in new.items()])
     ids = stored()
     factors = [{"cell_id": ids[key], "name": name, **encode_factor(value)}
                for key, c in new.items() for name, value in c["factors"].items()]
     if factors:
-        session.execute(insert(CellFactor), factors)
+        conn.execute(CellFactor.__table__.insert(), factors)
     return ids
 
 
@@ -94,50 +104,63 @@ _FINISH_ATTEMPT = _attempt.update().where(_attempt.c.id == bindparam("aid")).val
 _HEARTBEAT = _attempt.update().where(_attempt.c.id == bindparam("aid")).values(heartbeat_at=bindparam("at"))
 
 
-def record_result(session: Session, cell_id: int, metrics: Mapping[str, float], epochs: Iterable[Mapping[str, Any]],
-                  attempt_id: int | None = None) -> None:
-    """Store a cell's metrics and per-epoch history (a rerun replaces both) and
-    mark it done."""
-    metric_rows = []
+def _metric_rows(cell_id: int, attempt_id: int | None, metrics: Mapping[str, float]) -> list[dict]:
+    rows = []
     for name, value in metrics.items():
         stored, is_nan = split_float(value)
-        metric_rows.append({"cell_id": cell_id, "attempt_id": attempt_id, "name": check_metric_name(name),
-                            "value": stored, "is_nan": is_nan})
-    epoch_rows = []
+        rows.append({"cell_id": cell_id, "attempt_id": attempt_id, "name": check_metric_name(name),
+                     "value": stored, "is_nan": is_nan})
+    return rows
+
+
+def _epoch_rows(cell_id: int, attempt_id: int | None, epochs: Iterable[Mapping[str, Any]]) -> list[dict]:
+    rows = []
     for row in epochs:
         values = {f: split_float(row.get(f)) for f in EPOCH_FLOATS}
         nan = ",".join(f for f, (_, is_nan) in values.items() if is_nan) or None
-        epoch_rows.append({"cell_id": cell_id, "attempt_id": attempt_id, "epoch": int(row["epoch"]),
-                           "nan_fields": nan, **{f: v for f, (v, _) in values.items()}})
-    conn = session.connection()
+        rows.append({"cell_id": cell_id, "attempt_id": attempt_id, "epoch": int(row["epoch"]), "nan_fields": nan,
+                     **{f: v for f, (v, _) in values.items()}})
+    return rows
+
+
+def record_result(session: Tx, cell_id: int, metrics: Mapping[str, float], epochs: Iterable[Mapping[str, Any]],
+                  attempt_id: int | None = None) -> None:
+    """Store a cell's metrics and per-epoch history (a rerun replaces both).
+    Without ``attempt_id`` the cell is marked done here; with one, the cell's
+    status follows that attempt: call ``finish_attempt(..., done)`` in the same
+    transaction (one status write per result)."""
+    metric_rows = _metric_rows(cell_id, attempt_id, metrics)
+    epoch_rows = _epoch_rows(cell_id, attempt_id, epochs)
+    conn = _conn(session)
     conn.execute(_DELETE_METRICS, {"cid": cell_id})
     conn.execute(_DELETE_EPOCHS, {"cid": cell_id})
     if metric_rows:
         conn.execute(_INSERT_METRICS, metric_rows)
     if epoch_rows:
         conn.execute(_INSERT_EPOCHS, epoch_rows)
-    set_status(session, cell_id, CellStatus.done)
+    if attempt_id is None:
+        set_status(session, cell_id, CellStatus.done)
 
 
-def set_status(session: Session, cell_id: int, status: CellStatus) -> None:
-    session.connection().execute(_SET_STATUS, {"cid": cell_id, "new_status": status})
+def set_status(session: Tx, cell_id: int, status: CellStatus) -> None:
+    _conn(session).execute(_SET_STATUS, {"cid": cell_id, "new_status": status})
 
 
-def start_attempt(session: Session, cell_id: int, host: str | None = None, device: str | None = None,
+def start_attempt(session: Tx, cell_id: int, host: str | None = None, device: str | None = None,
                   started_at: datetime | None = None) -> int:
     """A new running attempt of ``cell_id`` (numbered from 1); returns its id."""
-    conn = session.connection()
+    conn = _conn(session)
     attempt_id = conn.execute(_START_ATTEMPT, {"cid": cell_id, "new_status": AttemptStatus.running,
                                                "at": started_at or utcnow(), "host": host, "device": device}).scalar()
     set_status(session, cell_id, CellStatus.running)
     return attempt_id
 
 
-def heartbeat(session: Session, attempt_id: int, at: datetime | None = None) -> None:
-    session.connection().execute(_HEARTBEAT, {"aid": attempt_id, "at": at or utcnow()})
+def heartbeat(session: Tx, attempt_id: int, at: datetime | None = None) -> None:
+    _conn(session).execute(_HEARTBEAT, {"aid": attempt_id, "at": at or utcnow()})
 
 
-def finish_attempt(session: Session, attempt_id: int, status: AttemptStatus, *, error_type: str | None = None,
+def finish_attempt(session: Tx, attempt_id: int, status: AttemptStatus, *, error_type: str | None = None,
                    error_message: str | None = None, traceback: str | None = None, host: str | None = None,
                    device: str | None = None, started_at: datetime | None = None,
                    ended_at: datetime | None = None) -> None:
@@ -147,7 +170,7 @@ def finish_attempt(session: Session, attempt_id: int, status: AttemptStatus, *, 
     (a job can wait in the executor's queue)."""
     if status not in (AttemptStatus.done, AttemptStatus.failed):
         raise ValueError(f"an attempt finishes as done or failed, not {status!r}")
-    conn = session.connection()
+    conn = _conn(session)
     conn.execute(_FINISH_ATTEMPT, {"aid": attempt_id, "new_status": status, "at": ended_at or utcnow(),
                                    "error_type": error_type, "error_message": error_message, "tb": traceback,
                                    "host": host, "device": device, "started_at": started_at})
@@ -168,11 +191,56 @@ def abandon_attempts(session: Session, study_id: int, reason: str) -> int:
     return len(stale)
 
 
+def import_results(session: Tx, results: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Bulk import: many finished results in the caller's one transaction, a
+    few executemany statements for the lot (for results produced elsewhere,
+    e.g. copied from another database; the driver records one result per
+    transaction instead). Each item: ``cell_id``, ``metrics``, ``epochs``, and
+    optionally ``host``, ``device``, ``started_at``, ``ended_at`` and
+    ``provenance`` (record_provenance fields). Each result becomes a new done
+    attempt of its cell (a cell at most once per call); returns their ids."""
+    conn = _conn(session)
+    cell_ids = [int(r["cell_id"]) for r in results]
+    if len(set(cell_ids)) != len(cell_ids):
+        raise ValueError("import_results: a cell appears twice in one batch")
+    numbers: dict[int, int] = {}
+    for chunk in range(0, len(cell_ids), 5000):  # under every engine's bound-parameter limit
+        part = cell_ids[chunk:chunk + 5000]
+        numbers.update(conn.execute(select(_attempt.c.cell_id, func.max(_attempt.c.number))
+                                    .where(_attempt.c.cell_id.in_(part)).group_by(_attempt.c.cell_id)).all())
+        conn.execute(_metric.delete().where(_metric.c.cell_id.in_(part)))
+        conn.execute(_epoch.delete().where(_epoch.c.cell_id.in_(part)))
+    now = utcnow()
+    attempt_rows = [{"cell_id": r["cell_id"], "number": numbers.get(r["cell_id"], 0) + 1,
+                     "status": AttemptStatus.done, "started_at": r.get("started_at"),
+                     "ended_at": r.get("ended_at") or now, "heartbeat_at": r.get("ended_at") or now,
+                     "host": r.get("host"), "device": r.get("device")} for r in results]
+    ids = list(conn.execute(_attempt.insert().returning(_attempt.c.id, sort_by_parameter_order=True),
+                            attempt_rows).scalars())
+    metric_rows, epoch_rows, provenance_rows = [], [], []
+    for attempt_id, r in zip(ids, results):
+        metric_rows += _metric_rows(r["cell_id"], attempt_id, r["metrics"])
+        epoch_rows += _epoch_rows(r["cell_id"], attempt_id, r["epochs"])
+        if "provenance" in r:
+            unknown = set(r["provenance"]) - PROVENANCE_FIELDS
+            if unknown:
+                raise ValueError(f"unknown provenance fields {sorted(unknown)}")
+            provenance_rows.append({**dict.fromkeys(PROVENANCE_FIELDS), "env": {}, **r["provenance"],
+                                    "attempt_id": attempt_id, "recorded_at": now})
+    for statement, rows in ((_INSERT_METRICS, metric_rows), (_INSERT_EPOCHS, epoch_rows),
+                            (_INSERT_PROVENANCE, provenance_rows)):
+        if rows:
+            conn.execute(statement, rows)
+    if cell_ids:
+        conn.execute(_SET_STATUS, [{"cid": c, "new_status": CellStatus.done} for c in cell_ids])
+    return ids
+
+
 PROVENANCE_FIELDS = frozenset(c.name for c in Provenance.__table__.columns) - {"attempt_id", "recorded_at"}
 _INSERT_PROVENANCE = Provenance.__table__.insert()
 
 
-def record_provenance(session: Session, attempt_id: int, **fields: Any) -> None:
+def record_provenance(session: Tx, attempt_id: int, **fields: Any) -> None:
     """What produced an attempt (once per attempt): git_commit, git_dirty,
     project_version, python, torch, torchvision, timm, ray, cuda, gpu,
     dataset_fingerprint, seed, env."""
@@ -180,11 +248,11 @@ def record_provenance(session: Session, attempt_id: int, **fields: Any) -> None:
     if unknown:
         raise ValueError(f"unknown provenance fields {sorted(unknown)} (known: {sorted(PROVENANCE_FIELDS)})")
     fields.setdefault("env", {})
-    session.connection().execute(_INSERT_PROVENANCE, {"attempt_id": attempt_id, "recorded_at": utcnow(),
+    _conn(session).execute(_INSERT_PROVENANCE, {"attempt_id": attempt_id, "recorded_at": utcnow(),
                                                       **dict.fromkeys(PROVENANCE_FIELDS), **fields})
 
 
-def record_artifact(session: Session, stage: str, key: str, path: str, bytes: int, sha256: str,
+def record_artifact(session: Tx, stage: str, key: str, path: str, bytes: int, sha256: str,
                     config: Mapping[str, Any]) -> int:
     """The artifact's row id, inserting it the first time it is seen."""
     found = session.scalar(select(Artifact.id).where(Artifact.stage == stage, Artifact.key == key,
@@ -195,7 +263,7 @@ def record_artifact(session: Session, stage: str, key: str, path: str, bytes: in
                                                   config=dict(config), created_at=utcnow()).returning(Artifact.id))
 
 
-def use_artifacts(session: Session, attempt_id: int, artifact_ids: Iterable[int]) -> None:
+def use_artifacts(session: Tx, attempt_id: int, artifact_ids: Iterable[int]) -> None:
     rows = [{"attempt_id": attempt_id, "artifact_id": a} for a in dict.fromkeys(artifact_ids)]
     if rows:
         session.execute(insert(ArtifactUse), rows)

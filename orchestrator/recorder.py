@@ -1,7 +1,8 @@
 """What the driver writes for each job: an attempt per run of a cell (running
 when handed to the executor, then done or failed), its provenance, the stage
 artifacts produced and used, and the result itself, each outcome in one
-transaction. The driver is the only writer; workers report back as plain data.
+transaction (``engine.begin()``: a Core connection costs less per result than an
+ORM session). The driver is the only writer; workers report back as plain data.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from db import records
 from db.models import AttemptStatus
-from db.session import session_scope
 from rd3core.artifacts import ArtifactStore
 
 from .plan import Node, Plan
@@ -61,6 +62,10 @@ def split_error(error: str) -> tuple[str, str]:
 
 
 class Recorder:
+    """The driver's writes for one run, keyed by plan node: ``submitted`` when a
+    job is handed to the executor, ``stage_done`` / ``cell_done`` /
+    ``cell_failed`` as outcomes arrive, ``close`` when the run ends."""
+
     def __init__(self, engine: Engine, store: ArtifactStore, plan: Plan, cell_ids: dict[str, int],
                  seeds: dict[str, int]):
         self.engine, self.store, self.plan = engine, store, plan
@@ -70,16 +75,16 @@ class Recorder:
 
     def submitted(self, node: Node) -> None:
         if node.stage == "posteval":
-            with session_scope(self.engine) as s:
+            with self.engine.begin() as s:
                 self.attempts[node.key] = records.start_attempt(s, self.cell_ids[node.key])
 
     def stage_done(self, node: Node) -> None:
-        with session_scope(self.engine) as s:
+        with self.engine.begin() as s:
             self._artifact(s, node)
 
     def cell_done(self, outcome: Outcome, metrics: dict[str, float]) -> None:
         key, result = outcome.node.key, outcome.result
-        with session_scope(self.engine) as s:  # one transaction per result, committed as it arrives
+        with self.engine.begin() as s:  # one transaction per result, committed as it arrives
             attempt = self.attempts.pop(key)
             records.record_result(s, self.cell_ids[key], metrics, result["epochs"], attempt_id=attempt)
             records.finish_attempt(s, attempt, AttemptStatus.done, host=result["env"].get("host"),
@@ -92,7 +97,7 @@ class Recorder:
     def cell_failed(self, outcome: Outcome) -> None:
         key = outcome.node.key
         error_type, message = split_error(outcome.error)
-        with session_scope(self.engine) as s:
+        with self.engine.begin() as s:
             attempt = self.attempts.pop(key, None)
             if attempt is None:  # never handed over: a stage it needs failed
                 attempt = records.start_attempt(s, self.cell_ids[key])
@@ -101,13 +106,18 @@ class Recorder:
             records.record_provenance(s, attempt, **provenance_fields(self.checkout, None, self.seeds[key]))
 
     def close(self, reason: str) -> None:
-        """Attempts still in flight when the driver stops (interrupt, error) end failed."""
+        """Attempts still in flight when the driver stops (interrupt, error) end
+        failed. Best effort: if the database itself is what failed, the next
+        run marks them (records.abandon_attempts) and the first error stands."""
         if not self.attempts:
             return
-        with session_scope(self.engine) as s:
-            for attempt in self.attempts.values():
-                records.finish_attempt(s, attempt, AttemptStatus.failed, error_type="Interrupted",
-                                       error_message=reason)
+        try:
+            with self.engine.begin() as s:
+                for attempt in self.attempts.values():
+                    records.finish_attempt(s, attempt, AttemptStatus.failed, error_type="Interrupted",
+                                           error_message=reason)
+        except SQLAlchemyError:
+            pass
         self.attempts.clear()
 
     def _artifact(self, session, node: Node) -> int | None:

@@ -46,6 +46,10 @@ def cli(capsys, *args):
 def test_query_lists_studies_then_a_study_in_every_format(filled, capsys):
     code, out, _ = cli(capsys, "query", "--db", filled)
     assert code == 0 and "ablation" in out and "done" in out
+    code, out, _ = cli(capsys, "query", "--db", filled, "--format", "json")
+    (study,) = json.loads(out)
+    assert study["study"] == "ablation" and study["done"] == 5 and study["finished_at"] is None
+    assert study["created_at"].endswith("+00:00")
     code, out, _ = cli(capsys, "query", "--db", filled, "--study", "ablation", "--format", "json")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 5
@@ -87,20 +91,22 @@ WRITES = ["DELETE FROM metric", "UPDATE metric SET value = 0", "INSERT INTO stud
           "WITH gone AS (DELETE FROM metric RETURNING id) SELECT count(*) FROM gone"]
 
 
-def test_sql_is_read_only_at_the_database_level(filled, capsys):
+def test_sql_is_read_only_at_the_database_level(filled, capsys, tmp_path):
     code, out, _ = cli(capsys, "query", "--db", filled, "--sql",
-                       "SELECT name, count(*) AS n FROM metric GROUP BY name ORDER BY name", "--format", "json")
-    assert code == 0 and {r["name"]: r["n"] for r in json.loads(out)}["top1"] == 5
+                       "SELECT name, count(*) AS n FROM metric WHERE name LIKE 'top%' GROUP BY name", "--format",
+                       "json")
+    assert code == 0 and json.loads(out) == [{"name": "top1", "n": 5}]
+    sneaky = tmp_path / "sneaky.sqlite"
     engine = make_engine(filled)
     with session_scope(engine) as s:
         before = s.scalar(select(func.count()).select_from(Metric))
-    for sql in WRITES:
+    for sql in WRITES + [f"ATTACH DATABASE '{sneaky}' AS sneaky"]:
         code, _, err = cli(capsys, "query", "--db", filled, "--sql", sql)
         assert code == 2 and "error:" in err, (sql, err)
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(Metric)) == before
         tables = s.execute(text("SELECT count(*) FROM study")).scalar()
-    assert tables == 1
+    assert tables == 1 and not sneaky.exists()
     engine.dispose()
 
 

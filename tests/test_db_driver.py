@@ -103,8 +103,9 @@ def test_failures_keep_type_and_traceback(db_engine, tmp_path):
     executor.submit(plan.nodes[f"posteval:{keys[0]}"], None)
     executor.submit(plan.nodes[f"posteval:{keys[1]}"], None)
     assert len(submitted) == 2
+    trace = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
     recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"], error="RuntimeError: CUDA out of memory",
-                                 traceback="Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"))
+                                 traceback=trace))
     recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[2]}"], error="upstream synth failed: ValueError: bad",
                                  traceback="Traceback ...\nValueError: bad"))
     recorder.close("interrupted by the user")

@@ -7,11 +7,12 @@ import pytest
 from sqlalchemy import func, select
 
 from db import records
-from db.models import Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, Metric, Provenance
+from db.models import (Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, EpochMetric, Metric,
+                       Provenance)
 from db.queries import (QueryError, attempts_frame, cell_status, list_studies, metrics_frame, results_frame,
                         status_counts, studies_frame)
 from db.session import session_scope
-from db_helpers import cell_dicts, finish_cell, make_study
+from db_helpers import cell_dicts, epochs, finish_cell, make_study
 
 GRID = {"method": ["sre2l", "rded"], "protocol.epochs": [50, 300], "protocol.optim.lr": [0.1, 1],
         "protocol.ema": [True, False]}
@@ -184,3 +185,28 @@ def test_selected_accuracies_must_name_their_split(name, ok):
     else:
         with pytest.raises(ValueError, match="selection split"):
             records.check_metric_name(name)
+
+
+def test_bulk_import_stores_what_the_per_result_path_stores(db_engine):
+    cells = cell_dicts({"x": [1, 2, 3]}, seeds=[0])
+    ids = make_study(db_engine, "bulk", cells)
+    by_x = {c["factors"]["x"]: ids[c["cell_key"]] for c in cells}
+    finish_cell(db_engine, by_x[1], 0.1)  # an earlier result: replaced, attempt numbered after it
+    batch = [{"cell_id": by_x[x], "metrics": {"top1": x / 10, "odd": math.nan}, "epochs": epochs(4, x / 10),
+              "host": "importer", "provenance": {"git_commit": "c" * 40, "seed": 0}} for x in (1, 2, 3)]
+    with db_engine.begin() as tx:
+        attempt_ids = records.import_results(tx, batch)
+    frame = results_frame(db_engine, "bulk")
+    assert sorted(frame.top1) == [0.1, 0.2, 0.3] and frame.odd.isna().all()
+    long = metrics_frame(db_engine, "bulk")
+    assert sorted(long[long.name == "top1"].attempt) == [1, 1, 2]
+    with session_scope(db_engine) as s:
+        attempts = [s.get(Attempt, a) for a in attempt_ids]
+        assert all(a.status == AttemptStatus.done and a.host == "importer" for a in attempts)
+        assert {s.get(Provenance, a).git_commit for a in attempt_ids} == {"c" * 40}
+        assert all(m.is_nan for m in s.scalars(select(Metric).where(Metric.name == "odd")))
+        assert s.scalar(select(func.count()).select_from(EpochMetric)) == 12
+    assert status_counts(db_engine, "bulk")["done"] == 3
+    with pytest.raises(ValueError, match="twice"):
+        with db_engine.begin() as tx:
+            records.import_results(tx, batch[:1] * 2)
