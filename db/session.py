@@ -16,7 +16,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -65,6 +65,8 @@ def sqlite_path(url: str | URL) -> Path | None:
     parsed = parse_url(url) if isinstance(url, str) else url
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
+    if parsed.database.startswith("file:"):  # a URI filename (sqlite:///file:PATH?mode=ro&uri=true)
+        return Path(unquote(parsed.database[len("file:"):]))
     return Path(parsed.database)
 
 

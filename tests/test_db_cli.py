@@ -155,9 +155,11 @@ def test_bad_urls_and_unreachable_servers(tmp_path, capsys):
 
 
 @pytest.fixture
-def read_only_file(tmp_path):
-    """A results database the current user cannot write: chmod for a normal
-    user; root ignores permissions, so then the immutable attribute."""
+def read_only_db(tmp_path):
+    """The URL of a results database the current user cannot write: chmod for a
+    normal user; root ignores permissions, so then the immutable attribute, or
+    where that is not allowed (containers without CAP_LINUX_IMMUTABLE) SQLite's
+    own read-only open (mode=ro), which fails writes the same way."""
     path = tmp_path / "ro" / "rd3.sqlite"
     path.parent.mkdir()
     engine = make_engine(f"sqlite:///{path}")
@@ -167,19 +169,19 @@ def read_only_file(tmp_path):
     if os.geteuid() != 0:
         path.chmod(0o444)
         path.parent.chmod(0o555)
-        yield path
+        yield f"sqlite:///{path}"
         path.parent.chmod(0o755)
-        return
-    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
-        pytest.skip("running as root without a working chattr +i: cannot make a file read-only for root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)])
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        try:
+            yield f"sqlite:///{path}"
+        finally:
+            subprocess.run(["chattr", "-i", str(path)])
+    else:
+        yield f"sqlite:///file:{path}?mode=ro&uri=true"
 
 
-def test_read_only_database_file(read_only_file, tiny_study, tmp_path):
-    url = f"sqlite:///{read_only_file}"
+def test_read_only_database_file(read_only_db, tiny_study, tmp_path):
+    url = read_only_db
     proc = run_cli("run", str(tiny_study()), "--db", url, "--out", str(tmp_path / "out"), "--executor", "local")
     assert_clean_failure(proc, "read-only")
     assert "to run" not in proc.stdout  # no job started
