@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from db.session import DatabaseError
 from rd3core.data import list_datasets
 from rd3core.models import list_models
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "analyze":
             cmd.add_argument("--format", choices=["table", "json"], default="table",
                              help="table (terminal) or json (one JSON object on stdout)")
+
+    query = sub.add_parser("query", help="print results (read-only): the studies; a study's cells with typed "
+                                         "factors and metrics (--study); or one SQL statement (--sql)")
+    query.add_argument("--study", help="one row per finished cell of this study (default: list the studies)")
+    query.add_argument("--where", action="append", default=[], metavar="FACTOR=VALUE",
+                       help="keep cells with this factor level (repeat: several factors; the same factor twice: "
+                            "either level)")
+    query.add_argument("--sql", help='one read-only SQL statement, e.g. "SELECT name, count(*) FROM metric '
+                                     'GROUP BY name" (writes are refused by the database)')
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    status = sub.add_parser("status", help="cells done / running / failed / pending of a study")
+    status.add_argument("study")
+    for reader in (query, status):
+        reader.add_argument("--out", type=Path, default=Path("results"),
+                            help="results folder whose rd3.sqlite to read (default: results)")
+        reader.add_argument("--db", help="SQLAlchemy URL of the results DB (default: sqlite in --out)")
     return parser
 
 
@@ -94,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.study}: ok ({len(cells)} cells; design {study.spec.design.kind}; factors: {columns}; "
                   f"seeds: {', '.join(map(str, study.spec.seeds))})")
             return 0
+        if args.command in ("query", "status"):
+            from .query import run_query, show_status
+
+            return run_query(args) if args.command == "query" else show_status(args)
         if args.command == "run":
             from .driver import RunOptions, run_study
 
@@ -129,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DBAPIError as exc:  # the database failed under a running command (disk full, server gone, ...)
+        detail = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"error: results database: {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: results committed so far are kept; rerun the same command to resume",

@@ -16,13 +16,14 @@ from db import records
 from db.models import CellStatus
 from db.queries import cell_status, results_frame
 from db.schema import upgrade
-from db.session import make_engine, session_scope, sqlite_url
+from db.session import make_engine, results_url, session_scope
 from rd3core.artifacts import ArtifactStore
 
 from .analysis import commands, summary
 from .analysis.design import load_design
 from .expand import Cell, expand
 from .plan import assign_resources, build_plan
+from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
 from .spec import Study, load_study
 
@@ -38,7 +39,7 @@ class RunOptions:
 
 
 def db_url(options: RunOptions) -> str:
-    return options.db or sqlite_url(options.out / "rd3.sqlite")
+    return results_url(options.db, options.out)
 
 
 def cell_label(cell: Cell) -> str:
@@ -51,23 +52,27 @@ def run_study(path: str | Path, options: RunOptions) -> int:
     cells = expand(study)
     options.out.mkdir(parents=True, exist_ok=True)
     engine = make_engine(db_url(options))
-    upgrade(engine)
+    upgrade(engine)  # before any job runs; refuses a database from newer code
     store = ArtifactStore(options.out / "artifacts")
     with session_scope(engine) as s:
         row = records.ensure_study(s, study.name, study.text, study.text_hash)
         study_id = row.id
         ids = records.sync_cells(s, row, [{"cell_key": c.key, "seed": c.seed, "factors": c.factors,
                                            "config": c.config} for c in cells])
+        stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
     status = cell_status(engine, study.name)
     todo = [c for c in cells if status.get(c.key) != CellStatus.done.value]
     by_key = {c.key: c for c in cells}
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    if stale:
+        print(f"  {stale} attempt(s) left running by a stopped driver recorded as failed")
     failures: list[tuple[Cell, Outcome]] = []
     if todo:
         plan = assign_resources(build_plan(todo, store), study.spec.resources)
         for stage, (need, cached) in plan.counts().items():
             print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
         progress = Progress(len(todo), stages={s: need for s, (need, _) in plan.counts().items()})
+        recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
         built: Counter[str] = Counter()
 
         def on_outcome(outcome: Outcome) -> None:
@@ -78,21 +83,19 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                     print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
                           flush=True)
             if node.stage != "posteval":
-                if outcome.error is None and not any(e["key"] == node.key for e in outcome.result.get("built", [])):
-                    # published meanwhile by another run sharing the store
-                    print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
+                if outcome.error is None:
+                    recorder.stage_done(node)
+                    if not any(e["key"] == node.key for e in outcome.result.get("built", [])):
+                        # published meanwhile by another run sharing the store
+                        print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
                 progress.stage(node.stage, node.key, (outcome.result or {}).get("wall_s"), outcome.error)
                 return
             cell = by_key[node.key]
-            with session_scope(engine) as s:  # one transaction per result, committed as it arrives
-                if outcome.error is None:
-                    metrics = result_metrics(outcome.result)
-                    records.record_result(s, ids[cell.key], metrics, outcome.result["epochs"])
-                else:
-                    records.set_status(s, ids[cell.key], CellStatus.failed)
             if outcome.error is None:
+                recorder.cell_done(outcome, result_metrics(outcome.result))
                 progress.cell(cell_label(cell), True, f"top1={100 * outcome.result['metrics']['top1']:.2f}%")
             else:
+                recorder.cell_failed(outcome)
                 failures.append((cell, outcome))
                 progress.cell(cell_label(cell), False, outcome.error)
 
@@ -101,10 +104,11 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                     RayExecutor(str(store.root), options.address, options.num_cpus or limits.max_cpus,
                                 options.num_gpus if options.num_gpus is not None else limits.max_gpus))
         try:
-            execute(plan, executor, study.spec.resources, on_outcome)
+            execute(plan, Announcing(executor, recorder.submitted), study.spec.resources, on_outcome)
         finally:
             progress.close()
             executor.close()
+            recorder.close("the driver stopped before this attempt finished")
         # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
         print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
     if not failures:

@@ -11,11 +11,14 @@ failing; every build is reported back in ``result["built"]``.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -123,9 +126,27 @@ def make_synth(ctx: Context, payload: dict) -> tuple[Any, dict]:
     return distilled.state(), distilled.meta
 
 
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    """Versions of what computes the numbers, as installed on this worker (the
+    project itself from pyproject.toml when run from a checkout, not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in ("torchvision", "timm", "ray", "rd3bench"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if versions["rd3bench"] is None and pyproject.is_file():
+        import tomllib
+
+        versions["rd3bench"] = tomllib.loads(pyproject.read_text())["project"]["version"]
+    return versions
+
+
 def environment() -> dict[str, Any]:
     info = {"host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), **package_versions()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -140,7 +161,8 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
     runtime = runtime or Runtime.auto()
     ctx = Context(ArtifactStore(store_root), runtime)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__}
+    out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__,
+                           "started_at": datetime.now(timezone.utc).isoformat()}
     if stage in PRODUCERS:
         ensure(ctx, {"stage": stage, "key": key, "payload": payload}, load=False)
     elif stage == "posteval":

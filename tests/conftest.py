@@ -55,3 +55,58 @@ def cifar_tarball() -> Path:
     if not SHARED_CIFAR.exists():
         pytest.skip(f"real CIFAR-10 not found at {SHARED_CIFAR} (see ../shared/data/README.md)")
     return SHARED_CIFAR
+
+
+# --- Databases: the db tests run the same code on SQLite and on a real PostgreSQL ---
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    """Databases on a real PostgreSQL server (see tests/pgserver.py); skips, or
+    fails under RD3_REQUIRE_POSTGRES=1, when no server can be had."""
+    import pgserver
+
+    server = None
+    admin = os.environ.get(pgserver.ENV_URL)
+    if not admin:
+        server = pgserver.LocalServer()
+        try:
+            admin = server.start()
+        except Exception as exc:  # any reason: report it, the tests then skip or fail
+            server.stop()
+            pgserver.unavailable(f"{pgserver.ENV_URL} is not set and no local server could be started: {exc}")
+    databases = pgserver.Databases(admin)
+    try:
+        databases.check()
+    except Exception as exc:
+        databases.close()
+        if server:
+            server.stop()
+        pgserver.unavailable(f"cannot connect to {databases.url.render_as_string(hide_password=True)}: {exc}")
+    yield databases
+    databases.close()
+    if server:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty results database URL on each engine."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'rd3.sqlite'}"
+        return
+    databases = request.getfixturevalue("postgres_databases")
+    url = databases.create()
+    yield url
+    databases.drop(url)
+
+
+@pytest.fixture
+def db_engine(db_url):
+    """An engine on a fresh database at the schema's head revision."""
+    from db.schema import upgrade
+    from db.session import make_engine
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()

@@ -1,0 +1,122 @@
+"""`query` and `status`: read the results database, never write it.
+
+Both open the database read-only (the engine itself cannot write) and refuse a
+schema other than the one this code reads, with a message saying what to do.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from db import queries
+from db.schema import check_revision, explain, head_revision
+from db.session import DatabaseError, describe, make_engine, results_url
+
+
+def open_read_only(db: str | None, out) -> Engine:
+    engine = make_engine(results_url(db, out), read_only=True)
+    current = check_revision(engine)
+    if current is None:
+        raise DatabaseError(f"{describe(engine.url)} holds no results schema (not an rd3 results database?)")
+    if current != head_revision():
+        raise DatabaseError(f"the results database {describe(engine.url)} has schema revision {current!r}, older "
+                            f"than this code's {head_revision()!r}; any `python -m orchestrator run` with this "
+                            f"database upgrades it")
+    return engine
+
+
+def parse_where(items: list[str]) -> dict[str, list[str]]:
+    """FACTOR=VALUE items; a factor given twice keeps either level. Values stay
+    text here: results_frame types them by the factor's stored kind."""
+    where: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise queries.QueryError(f"--where {item!r}: expected FACTOR=VALUE, e.g. protocol.epochs=50")
+        where.setdefault(name.strip(), []).append(value.strip())
+    return where
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None  # in a frame NaN also stands for "missing"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, (datetime, pd.Timestamp)):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_value(value.item())
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def emit(frame: pd.DataFrame, fmt: str, stream=None) -> None:
+    stream = stream or sys.stdout
+    if fmt == "csv":
+        frame.to_csv(stream, index=False)
+    elif fmt == "json":
+        records = [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+        stream.write(json.dumps(records, indent=1, allow_nan=False) + "\n")
+    elif frame.empty:
+        stream.write("(no rows)\n")
+    else:
+        stream.write(frame.to_string(index=False) + "\n")
+
+
+def run_query(args) -> int:
+    engine = open_read_only(args.db, args.out)
+    try:
+        if args.sql:
+            if args.study or args.where:
+                raise queries.QueryError("--sql runs on its own: drop --study/--where (filter in the SQL)")
+            frame = queries.run_sql(engine, args.sql)
+        elif args.study:
+            queries.require_study(engine, args.study)
+            frame = queries.results_frame(engine, args.study, where=parse_where(args.where))
+        else:
+            if args.where:
+                raise queries.QueryError("--where needs --study NAME (the studies are listed without --study)")
+            frame = queries.studies_frame(engine)
+        emit(frame, args.format)
+    except DBAPIError as exc:
+        raise explain(engine, exc) from None
+    finally:
+        engine.dispose()
+    return 0
+
+
+def show_status(args, stream=None) -> int:
+    stream = stream or sys.stdout
+    engine = open_read_only(args.db, args.out)
+    try:
+        study = queries.require_study(engine, args.study)
+        counts = queries.status_counts(engine, args.study)
+        attempts = queries.attempts_frame(engine, args.study)
+    except DBAPIError as exc:
+        raise explain(engine, exc) from None
+    finally:
+        engine.dispose()
+    total = sum(counts.values())
+    state = f"finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else "not finished"
+    print(f"study {study.name}: {total} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+          + f" ({state})", file=stream)
+    for status in ("running", "failed"):
+        rows = attempts[attempts.status == status]
+        if rows.empty:
+            continue
+        print(f"{status}:", file=stream)
+        for r in rows.itertuples(index=False):
+            where = f" on {r.host}" + (f" ({r.device})" if r.device else "") if r.host else ""
+            since = f" since {r.started_at:%Y-%m-%d %H:%M:%S} UTC" if pd.notna(r.started_at) else ""
+            error = f": {r.error_type}: {r.error_message}" if status == "failed" else ""
+            print(f"  {r.cell_key[:10]} seed={r.seed} attempt {r.number}{where}{since}{error}", file=stream)
+    return 0

@@ -1,0 +1,149 @@
+"""What the driver writes for each job: an attempt per run of a cell (running
+when handed to the executor, then done or failed), its provenance, the stage
+artifacts produced and used, and the result itself, each outcome in one
+transaction (``engine.begin()``: a Core connection costs less per result than an
+ORM session). The driver is the only writer; workers report back as plain data.
+"""
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import records
+from db.models import AttemptStatus
+from rd3core.artifacts import ArtifactStore
+
+from .plan import Node, Plan
+from .runner import Outcome
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """git commit and dirty flag of the project checkout (None when it is not
+    a git checkout or git is missing). Dirty: tracked files differ from the
+    commit; untracked files (results folders) do not count."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit.strip() if commit else None,
+            "git_dirty": None if status is None else bool(status.strip())}
+
+
+def provenance_fields(checkout: dict[str, Any], result: dict[str, Any] | None, seed: int) -> dict[str, Any]:
+    """records.record_provenance fields from the checkout and what the worker
+    reported (nothing from a worker that died: then only checkout and seed)."""
+    env = dict((result or {}).get("env", {}))
+    dataset = (result or {}).get("dataset", {})
+    return {**checkout, "seed": seed, "project_version": env.get("rd3bench"), "python": env.get("python"),
+            "torch": env.get("torch"), "torchvision": env.get("torchvision"), "timm": env.get("timm"),
+            "ray": env.get("ray"), "cuda": env.get("cuda"), "gpu": env.get("gpu"),
+            "dataset_fingerprint": dataset.get("fingerprint"),
+            "env": {**env, "runtime": (result or {}).get("runtime")}}
+
+
+def split_error(error: str) -> tuple[str, str]:
+    """Outcome.error ("Type: message") as (type, message)."""
+    if error.startswith("upstream "):
+        return "UpstreamFailed", error
+    head, sep, rest = error.partition(": ")
+    return (head, rest) if sep and head.isidentifier() else ("Error", error)
+
+
+class Recorder:
+    """The driver's writes for one run, keyed by plan node: ``submitted`` when a
+    job is handed to the executor, ``stage_done`` / ``cell_done`` /
+    ``cell_failed`` as outcomes arrive, ``close`` when the run ends."""
+
+    def __init__(self, engine: Engine, store: ArtifactStore, plan: Plan, cell_ids: dict[str, int],
+                 seeds: dict[str, int]):
+        self.engine, self.store, self.plan = engine, store, plan
+        self.cell_ids, self.seeds = cell_ids, seeds
+        self.checkout = checkout_state()
+        self.attempts: dict[str, int] = {}  # cell key -> its attempt in flight
+
+    def submitted(self, node: Node) -> None:
+        if node.stage == "posteval":
+            with self.engine.begin() as s:
+                self.attempts[node.key] = records.start_attempt(s, self.cell_ids[node.key])
+
+    def stage_done(self, node: Node) -> None:
+        with self.engine.begin() as s:
+            self._artifact(s, node)
+
+    def cell_done(self, outcome: Outcome, metrics: dict[str, float]) -> None:
+        key, result = outcome.node.key, outcome.result
+        with self.engine.begin() as s:  # one transaction per result, committed as it arrives
+            attempt = self.attempts.pop(key)
+            records.record_result(s, self.cell_ids[key], metrics, result["epochs"], attempt_id=attempt)
+            records.finish_attempt(s, attempt, AttemptStatus.done, host=result["env"].get("host"),
+                                   device=result.get("runtime", {}).get("device"),
+                                   started_at=_parse_time(result.get("started_at")))
+            records.record_provenance(s, attempt, **provenance_fields(self.checkout, result, self.seeds[key]))
+            used = [self._artifact(s, self.plan.nodes[dep]) for dep in outcome.node.deps]
+            records.use_artifacts(s, attempt, [a for a in used if a is not None])
+
+    def cell_failed(self, outcome: Outcome) -> None:
+        key = outcome.node.key
+        error_type, message = split_error(outcome.error)
+        with self.engine.begin() as s:
+            attempt = self.attempts.pop(key, None)
+            if attempt is None:  # never handed over: a stage it needs failed
+                attempt = records.start_attempt(s, self.cell_ids[key])
+            records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=error_type, error_message=message,
+                                   traceback=outcome.traceback)
+            records.record_provenance(s, attempt, **provenance_fields(self.checkout, None, self.seeds[key]))
+
+    def close(self, reason: str) -> None:
+        """Attempts still in flight when the driver stops (interrupt, error) end
+        failed. Best effort: if the database itself is what failed, the next
+        run marks them (records.abandon_attempts) and the first error stands."""
+        if not self.attempts:
+            return
+        try:
+            with self.engine.begin() as s:
+                for attempt in self.attempts.values():
+                    records.finish_attempt(s, attempt, AttemptStatus.failed, error_type="Interrupted",
+                                           error_message=reason)
+        except SQLAlchemyError:
+            pass
+        self.attempts.clear()
+
+    def _artifact(self, session, node: Node) -> int | None:
+        info = self.store.info(node.stage, node.key, verify=False)
+        if info is None:
+            return None
+        return records.record_artifact(session, node.stage, node.key, str(info.path.resolve()), info.bytes,
+                                       info.sha256, node.payload)
+
+
+class Announcing:
+    """An executor that tells ``on_submit`` about each job it is handed."""
+
+    def __init__(self, executor, on_submit: Callable[[Node], None]):
+        self.executor, self.on_submit = executor, on_submit
+
+    def submit(self, node: Node, resources) -> None:
+        self.on_submit(node)
+        self.executor.submit(node, resources)
+
+    def inflight(self) -> int:
+        return self.executor.inflight()
+
+    def next_outcome(self) -> Outcome:
+        return self.executor.next_outcome()
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None

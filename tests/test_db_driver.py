@@ -1,0 +1,122 @@
+"""The driver's records: a real (tiny) study run writes an attempt per cell,
+its provenance, the artifacts produced and used, and typed factors; failures
+keep their error type and traceback. On SQLite and PostgreSQL."""
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from db.models import Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, Provenance
+from db.queries import results_frame
+from db.session import make_engine, session_scope
+from db_helpers import cell_dicts, make_study
+from orchestrator.cli import main
+from orchestrator.plan import Node, Plan
+from orchestrator.recorder import Announcing, Recorder, checkout_state
+from orchestrator.runner import Outcome
+from rd3core.artifacts import ArtifactStore
+from rd3core.data import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MICRO = """\
+name: micro
+dataset: {name: digits}
+teachers:
+  - arch: convnet3-w16
+    epochs: 2
+    augment: {crop: pad, padding: 2, flip: false, mix: none}
+methods:
+  - {name: random_real, ipc: 2}
+protocol:
+  preset: rd3
+  overrides:
+    student: convnet3-w16
+    epochs: 2
+    augment: {flip: false}
+factors:
+  protocol.labels.mode: [hard, epochwise]
+  protocol.epochs: [2, 3]
+seeds: [0]
+"""
+
+
+def test_a_run_records_attempts_provenance_artifacts(db_url, tmp_path, capsys):
+    study = tmp_path / "micro.yaml"
+    study.write_text(MICRO)
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--db", db_url, "--out", str(out), "--executor", "local"]) == 0
+    engine = make_engine(db_url)
+    frame = results_frame(engine, "micro")
+    assert len(frame) == 4 and frame["protocol.epochs"].dtype == "int64"
+    git = checkout_state()
+    fingerprint = load_dataset("digits").record["fingerprint"]
+    store = ArtifactStore(out / "artifacts")
+    with session_scope(engine) as s:
+        attempts = list(s.scalars(select(Attempt)))
+        assert len(attempts) == 4 and {a.status for a in attempts} == {AttemptStatus.done}
+        for a in attempts:
+            assert a.number == 1 and a.host and a.device == "cpu" and a.started_at <= a.ended_at
+            prov = s.get(Provenance, a.id)
+            assert prov.seed == 0 and prov.dataset_fingerprint == fingerprint
+            assert prov.python == platform.python_version() and prov.torch == torch.__version__
+            assert prov.project_version and prov.ray and prov.timm and prov.torchvision
+            assert (prov.git_commit, prov.git_dirty) == (git["git_commit"], git["git_dirty"])
+            assert prov.env["pid"] and prov.env["runtime"]["device"] == "cpu"
+        artifacts = {a.stage: a for a in s.scalars(select(Artifact))}
+        assert set(artifacts) == {"teacher", "synth"}
+        for art in artifacts.values():
+            info = store.info(art.stage, art.key)
+            assert (art.bytes, art.sha256, Path(art.path)) == (info.bytes, info.sha256, info.path.resolve())
+        assert artifacts["teacher"].config["teacher"]["arch"] == "convnet3-w16"
+        uses = {}
+        for use in s.scalars(select(ArtifactUse)):
+            uses.setdefault(use.attempt_id, set()).add(s.get(Artifact, use.artifact_id).stage)
+        modes = {a.id: s.get(Cell, a.cell_id).factors["protocol.labels.mode"] for a in attempts}
+    assert all(uses[a] == ({"synth"} if modes[a] == "hard" else {"synth", "teacher"}) for a in uses)
+    assert len(uses) == 4
+    if git["git_commit"]:  # a git checkout: the recorded commit is the real one
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert git["git_commit"] == head.stdout.strip()
+    # A rerun runs nothing and adds no attempt.
+    assert main(["run", str(study), "--db", db_url, "--out", str(out), "--executor", "local"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    with session_scope(engine) as s:
+        assert len(list(s.scalars(select(Attempt)))) == 4
+    engine.dispose()
+
+
+def test_failures_keep_type_and_traceback(db_engine, tmp_path):
+    cells = cell_dicts({"x": [1, 2, 3]}, seeds=[4])
+    ids = make_study(db_engine, "fails", cells)
+    keys = [c["cell_key"] for c in cells]
+    plan = Plan()
+    synth = plan.add(Node("synth", "s1", (), {"method": {"name": "random_real"}}))
+    for key in keys:
+        plan.add(Node("posteval", key, (synth.id,), {}))
+    recorder = Recorder(db_engine, ArtifactStore(tmp_path / "store"), plan, ids, {k: 4 for k in keys})
+    submitted = []
+    queue = type("Queue", (), {"submit": lambda self, node, resources: submitted.append(node)})()
+    executor = Announcing(queue, recorder.submitted)
+    executor.submit(plan.nodes[f"posteval:{keys[0]}"], None)
+    executor.submit(plan.nodes[f"posteval:{keys[1]}"], None)
+    assert len(submitted) == 2
+    trace = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
+    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"], error="RuntimeError: CUDA out of memory",
+                                 traceback=trace))
+    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[2]}"], error="upstream synth failed: ValueError: bad",
+                                 traceback="Traceback ...\nValueError: bad"))
+    recorder.close("interrupted by the user")
+    with session_scope(db_engine) as s:
+        by_cell = {s.get(Cell, a.cell_id).cell_key: a for a in s.scalars(select(Attempt))}
+        first, second, third = (by_cell[k] for k in keys)
+        assert (first.status, first.error_type, first.error_message) == (
+            AttemptStatus.failed, "RuntimeError", "CUDA out of memory")
+        assert first.traceback.startswith("Traceback") and first.traceback.endswith("CUDA out of memory")
+        assert (second.status, second.error_type) == (AttemptStatus.failed, "Interrupted")
+        assert (third.status, third.error_type) == (AttemptStatus.failed, "UpstreamFailed")
+        assert "upstream synth failed" in third.error_message
+        assert s.get(Provenance, first.id).seed == 4
+        assert {c.status.value for c in s.scalars(select(Cell))} == {"failed"}
