@@ -11,7 +11,7 @@ from sqlalchemy import Engine, String, and_, func, select, type_coerce
 from sqlalchemy.exc import DBAPIError
 
 from .frames import StudyCells
-from .models import Attempt, Cell, CellStatus, EpochMetric, Metric, Study
+from .models import Attempt, Cell, CellStatus, EpochMetric, Metric, Provenance, Study
 from .session import DatabaseError, session_scope
 
 
@@ -242,33 +242,14 @@ def study_spec_text(engine: Engine, study: str) -> str | None:
         return s.scalar(select(Study.spec_text).where(Study.name == study))
 
 
-def provenance_frame(engine: Engine, study: str) -> pd.DataFrame | None:
-    """Rows of the ``provenance`` table that belong to ``study`` (linked by
-    cell_id, attempt_id -> attempt.cell_id, or study_id), or None when this
-    database has no provenance table. Read by reflection so that it works with
-    whichever provenance schema the database carries."""
-    from sqlalchemy import MetaData, inspect
-
-    names = set(inspect(engine).get_table_names())
-    if "provenance" not in names:
-        return None
-    meta = MetaData()
-    meta.reflect(engine, only=[n for n in ("provenance", "attempt", "cell", "study") if n in names])
-    prov, cell, st = meta.tables["provenance"], meta.tables["cell"], meta.tables["study"]
-    query = select(prov)
-    if "cell_id" in prov.c:
-        query = query.join(cell, prov.c.cell_id == cell.c.id).join(st, cell.c.study_id == st.c.id)
-    elif "attempt_id" in prov.c and "attempt" in meta.tables and "cell_id" in meta.tables["attempt"].c:
-        attempt = meta.tables["attempt"]
-        query = (query.join(attempt, prov.c.attempt_id == attempt.c.id)
-                 .join(cell, attempt.c.cell_id == cell.c.id).join(st, cell.c.study_id == st.c.id))
-    elif "study_id" in prov.c:
-        query = query.join(st, prov.c.study_id == st.c.id)
-    else:
-        return pd.DataFrame([dict(r._mapping) for r in _all(engine, query)])
-    return pd.DataFrame([dict(r._mapping) for r in _all(engine, query.where(st.c.name == study))])
-
-
-def _all(engine: Engine, query) -> list:
+def provenance_frame(engine: Engine, study: str) -> pd.DataFrame:
+    """One row per attempt of ``study``'s cells that recorded provenance:
+    cell_key, attempt number, then the provenance fields (commit, versions,
+    hardware, dataset fingerprint, seed); empty when nothing was recorded."""
+    fields = [c for c in Provenance.__table__.c if c.name not in ("attempt_id", "env")]
+    query = (select(Cell.cell_key, Attempt.number.label("attempt"), *fields)
+             .join(Attempt, Attempt.id == Provenance.attempt_id).join(Cell, Cell.id == Attempt.cell_id)
+             .join(Study).where(Study.name == study).order_by(Cell.cell_key, Attempt.number))
     with engine.connect() as conn:
-        return list(conn.execute(query))
+        rows = conn.execute(query).all()
+    return pd.DataFrame([r._asdict() for r in rows], columns=list(query.selected_columns.keys()))

@@ -76,7 +76,7 @@ def test_real_study_run_plot_report(tmp_path):
     page = (folder / "report.html").read_text()
     assert "Protocol factors (protocol.labels.mode) explain" in md
     assert "protocol.labels.mode: [hard, epochwise]" in md  # the study definition, from the DB
-    assert "## Provenance" in md and ("Not recorded" in md or "provenance table" in md)
+    assert "## Provenance" in md and "Recorded with each attempt" in md and "git_commit" in md
     assert "(variance_shares.png)" in md
     # Self-contained: every image is inline, none is fetched from a path or URL.
     sources = re.findall(r"<img[^>]*src='([^']*)'", page)

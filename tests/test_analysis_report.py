@@ -1,12 +1,13 @@
 """The report's content: headline numbers come from the analysis, tables and
 figures are present, provenance is read when the database has it and said to be
 missing when not."""
-import sqlite3
-
 import numpy as np
+from sqlalchemy import select
 
 from analysis_planted import centred, write_study
-from db.session import make_engine
+from db import records
+from db.models import Cell
+from db.session import make_engine, session_scope
 from orchestrator.analysis.analyze import analyze_design
 from orchestrator.analysis.curves import plot_all
 from orchestrator.analysis.design import load_design, seed_counts
@@ -40,14 +41,14 @@ def test_report_without_provenance_says_so(tmp_path):
     assert page.count("data:image/png;base64,") == sum(p.suffix == ".png" for p in figures)
 
 
-def test_report_reads_a_provenance_table(tmp_path):
+def test_report_reads_recorded_provenance(tmp_path):
     engine, design, result = make(tmp_path, "prov")
-    with sqlite3.connect(tmp_path / "r.sqlite") as con:
-        con.execute("CREATE TABLE provenance (id INTEGER PRIMARY KEY, cell_id INTEGER REFERENCES cell(id), "
-                    "git_commit TEXT, torch TEXT, gpu TEXT)")
-        ids = [r[0] for r in con.execute("SELECT id FROM cell")]
-        con.executemany("INSERT INTO provenance (cell_id, git_commit, torch, gpu) VALUES (?, ?, ?, ?)",
-                        [(i, "abc1234", "2.14.1", "H200" if i % 2 else "none") for i in ids])
+    with session_scope(engine) as s:
+        ids = list(s.scalars(select(Cell.id)))
+        for i in ids:
+            attempt = records.start_attempt(s, i, host="node-1", device="cuda:0" if i % 2 else "cpu")
+            records.record_provenance(s, attempt, git_commit="abc1234", torch="2.14.1",
+                                      gpu="H200" if i % 2 else None, seed=0)
     blocks = build_blocks(engine, result, [])
     md = to_markdown(blocks)
     assert "abc1234" in md and "2.14.1" in md and "H200" in md

@@ -26,26 +26,24 @@ FIGURES = {
     "learning_curves": "Learning curves: training loss per epoch, test top-1 at evaluated epochs.",
     "accuracy_vs_cost": "Accuracy against cost (synthesis time, storage, training time) per factor combination.",
 }
-IGNORED_PROVENANCE = ("id", "cell_id", "attempt_id", "study_id")
+IGNORED_PROVENANCE = ("cell_key", "attempt")
 TABLE_LIMIT = 200
 
 
 def provenance_section(engine, study: str) -> list[tuple[str, Any]]:
     frame = provenance_frame(engine, study)
-    if frame is None:
-        return [("p", "Not recorded: this database has no provenance table (commit, package versions and "
-                      "hardware are not stored for these results).")]
     if frame.empty:
-        return [("p", "Not recorded: the provenance table has no rows for this study's cells.")]
+        return [("p", "Not recorded: no attempt of this study's cells has provenance (commit, package versions "
+                      "and hardware are not stored for these results).")]
     rows = []
     for col in frame.columns:
-        if col in IGNORED_PROVENANCE or col.endswith("_at") or col.endswith("_id"):
+        if col in IGNORED_PROVENANCE or col.endswith("_at"):
             continue
         counts = frame[col].astype(str).value_counts()
         shown = "; ".join(f"{v} ({n})" if len(counts) > 1 else v for v, n in counts.head(5).items())
         more = f"; ... {len(counts) - 5} more values" if len(counts) > 5 else ""
-        rows.append({"field": col, "values (cells)": shown + more})
-    return [("p", f"From the database's provenance table ({len(frame)} rows for this study)."),
+        rows.append({"field": col, "values (attempts)": shown + more})
+    return [("p", f"Recorded with each attempt ({len(frame)} attempts of this study's cells)."),
             ("table", ("Provenance", pd.DataFrame(rows)))]
 
 
