@@ -6,6 +6,7 @@ one clear message per problem and exit with status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from rd3core.synth import list_methods
 from .analysis.design import AnalysisError
 from .spec import StudyError
 
+# A cluster's PostgreSQL URL (with its password) comes from the environment, never
+# a study file or a command line that `ps` shows.
+DEFAULT_DB = os.environ.get("RD3_DB_URL") or None
+DB_HELP = "SQLAlchemy URL of the results DB (default: $RD3_DB_URL, else sqlite in --out)"
+
 LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods}
 
 
@@ -32,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study", type=Path)
     run.add_argument("--out", type=Path, default=Path("results"),
                      help="results folder: rd3.sqlite, artifacts/, <study>/ (default: results)")
-    run.add_argument("--db", help="SQLAlchemy URL of the results DB (default: sqlite in --out)")
+    run.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
                      help="ray (default) or local: in-process, for debugging, same numbers")
     run.add_argument("--address", help="join a running Ray cluster (default: RAY_ADDRESS or an embedded instance)")
@@ -49,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc = cache_sub.add_parser("gc", help="remove leftovers; with studies named, also every artifact none of them needs")
     gc.add_argument("studies", nargs="*", help="study files (or names recorded in the DB) whose artifacts are kept")
     gc.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
-    gc.add_argument("--db", help="SQLAlchemy URL of the results DB, to find studies by name (default: sqlite in --out)")
+    gc.add_argument("--db", default=DEFAULT_DB, 
+                    help=DB_HELP + "; finds studies by name")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     gc.add_argument("--tmp-grace-s", type=float, default=3600.0,
                     help="keep temporary (publishing) folders written to within this many seconds (default 3600)")
@@ -69,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("study", help="the study's name in the database, or its YAML file")
         cmd.add_argument("--out", type=Path, default=Path("results"),
                          help="results folder: the DB (OUT/rd3.sqlite unless --db) and OUT/<study>/ for outputs")
-        cmd.add_argument("--db", help="SQLAlchemy URL of the results DB (default: sqlite in --out)")
+        cmd.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)
         cmd.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                          help="bootstrap draws over seeds for every interval (default 1000)")
         cmd.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     for reader in (query, status):
         reader.add_argument("--out", type=Path, default=Path("results"),
                             help="results folder whose rd3.sqlite to read (default: results)")
-        reader.add_argument("--db", help="SQLAlchemy URL of the results DB (default: sqlite in --out)")
+        reader.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)
     return parser
 
 
