@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -150,6 +151,9 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+    ray = sys.modules.get("ray")  # only inside a Ray worker; never imported here otherwise
+    if ray is not None and ray.is_initialized():
+        info["ray_node_id"] = ray.get_runtime_context().get_node_id()
     return info
 
 
