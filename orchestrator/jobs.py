@@ -17,8 +17,9 @@ from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
 from rd3core.data import Dataset, load_dataset
 from rd3core.loop import Runtime
-from rd3core.pipeline import TeacherSpec, build_model, posteval, train_teacher
+from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, posteval, train_teacher
 from rd3core.protocol import Protocol
+from rd3core.stored_labels import StoredLabels
 from rd3core.synth import METHODS, DistilledSet, synthesize
 
 
@@ -56,6 +57,13 @@ def load_teacher(store_root: str, ref: dict, dataset: dict, runtime: Runtime) ->
     return _TEACHERS[cache_key]
 
 
+def _load_distilled(store: ArtifactStore, payload: dict, store_root: str) -> DistilledSet:
+    state = store.load("synth", payload["synth_key"])
+    if state is None:
+        raise MissingArtifact(f"distilled set {payload['synth_key']} is missing or corrupt under {store_root}")
+    return DistilledSet.from_state(state)
+
+
 def environment() -> dict[str, Any]:
     info = {"host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -91,15 +99,28 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
             distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], runtime)
             store.save("synth", key, distilled.state(), distilled.meta)
             out["meta"] = distilled.meta
+    elif stage == "labels":
+        if not store.exists("labels", key):
+            distilled = _load_distilled(store, payload, store_root)
+            teachers = {arch: load_teacher(store_root, ref, payload["dataset"], runtime)
+                        for arch, ref in payload["teachers"].items()}
+            stored = make_stored_labels(distilled, dataset, build(Protocol, payload["protocol"]), teachers,
+                                        payload["seed"], runtime, payload.get("ipc"))
+            store.save("labels", key, stored.state(), stored.meta)
+            out["meta"] = stored.meta
     elif stage == "posteval":
-        state = store.load("synth", payload["synth_key"])
-        if state is None:
-            raise MissingArtifact(f"distilled set {payload['synth_key']} is missing or corrupt under {store_root}")
-        distilled = DistilledSet.from_state(state)
+        distilled = _load_distilled(store, payload, store_root)
         protocol = build(Protocol, payload["protocol"])
         teachers = {arch: load_teacher(store_root, ref, payload["dataset"], runtime)
                     for arch, ref in payload["teachers"].items()}
-        result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"))
+        stored = None
+        if payload.get("labels_key"):
+            state = store.load("labels", payload["labels_key"])
+            if state is None:
+                raise MissingArtifact(f"stored labels {payload['labels_key']} are missing or corrupt under {store_root}")
+            stored = StoredLabels.from_state(state)
+        result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
+                          stored=stored)
         out.update(result)
         out["synth_meta"] = distilled.meta
         out["dataset"] = dataset.record

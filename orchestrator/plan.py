@@ -1,7 +1,9 @@
-"""The stage graph: teacher -> synth -> posteval, every stage keyed by content
+"""The stage graph: teacher -> synth -> [labels] -> posteval, every stage keyed by content
 so that cells share what they have in common. A teacher used by forty cells is
 one node; a distilled set shared by every protocol variant of a (method, seed)
-is one node.
+is one node. A `labels` node (stored FKD-style labels) sits between synth and
+posteval when the protocol's labels.mode is 'stored'; protocol variants that
+differ only in what the labels do not depend on (student, optimiser, ...) share it.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from typing import Any, Iterable
 
 from rd3core.artifacts import ArtifactStore, stage_key
 from rd3core.config import to_dict
+from rd3core.stored_labels import protocol_params as stored_label_params
 from rd3core.synth import METHODS
 
 from .expand import Cell
 
-STAGES = ("teacher", "synth", "posteval")
+STAGES = ("teacher", "synth", "labels", "posteval")
 # Bump when a stage's output for the same params changes (invalidates its cache).
-STAGE_VERSIONS = {"teacher": 1, "posteval": 1}
+STAGE_VERSIONS = {"teacher": 1, "labels": 1, "posteval": 1}
 
 
 @dataclass
@@ -57,6 +60,14 @@ def synth_key(cell: Cell, teacher: str | None) -> str:
     return stage_key("synth", method.version, params, {"teacher": teacher} if teacher else None)
 
 
+def labels_key(cell: Cell, synth: str, teachers: dict[str, str]) -> str:
+    """Key of a cell's stored labels: the protocol fields they depend on, the
+    seed and IPC (RDED's batch rule), upstream synth and labelling teacher keys."""
+    params = {"dataset": to_dict(cell.dataset), "protocol": stored_label_params(cell.protocol), "seed": cell.seed,
+              "ipc": cell.config["method"].get("ipc")}
+    return stage_key("labels", STAGE_VERSIONS["labels"], params, {"synth": synth, "teachers": teachers})
+
+
 def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
     plan = Plan()
     for cell in cells:
@@ -78,8 +89,14 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
                               cached=store.exists("synth", skey)))
         label_teachers = {arch: {"key": plan.nodes[nid].key, "spec": plan.nodes[nid].payload["teacher"]}
                           for arch, nid in teacher_ids.items()}
-        plan.add(Node("posteval", cell.key, (synth.id, *teacher_ids.values()),
-                      {"dataset": dataset, "synth_key": skey, "teachers": label_teachers,
-                       "protocol": cell.config["protocol"], "seed": cell.seed,
-                       "ipc": cell.config["method"].get("ipc")}))
+        payload = {"dataset": dataset, "synth_key": skey, "teachers": label_teachers,
+                   "protocol": cell.config["protocol"], "seed": cell.seed, "ipc": cell.config["method"].get("ipc")}
+        deps = (synth.id, *teacher_ids.values())
+        if cell.protocol.labels.mode == "stored":
+            names = list(cell.protocol.labels.teachers) or [cell.teachers[0].arch]
+            lkey = labels_key(cell, skey, {n: label_teachers[n]["key"] for n in names})
+            labels = plan.add(Node("labels", lkey, deps, dict(payload), cached=store.exists("labels", lkey)))
+            payload["labels_key"] = lkey
+            deps = (*deps, labels.id)
+        plan.add(Node("posteval", cell.key, deps, payload))
     return plan
