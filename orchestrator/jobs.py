@@ -117,7 +117,8 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         if payload.get("labels_key"):
             state = store.load("labels", payload["labels_key"])
             if state is None:
-                raise MissingArtifact(f"stored labels {payload['labels_key']} are missing or corrupt under {store_root}")
+                raise MissingArtifact(f"stored labels {payload['labels_key']} are missing or corrupt "
+                                      f"under {store_root}")
             stored = StoredLabels.from_state(state)
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
                           stored=stored)

@@ -155,7 +155,8 @@ def draw(spec: AugmentSpec, n: int, h: int, w: int, gen: torch.Generator,
         params.ra_signs = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(torch.int8)
     if spec.mix != "none" and n > 1 and torch.rand(1, generator=gen).item() < spec.mix_prob:
         # numpy's Beta, seeded from the torch generator: torch's Beta sampler takes no generator.
-        lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen))).beta(spec.mix_alpha, spec.mix_alpha))
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        lam = float(rng.beta(spec.mix_alpha, spec.mix_alpha))
         params.mix_perm = torch.randperm(n, generator=gen)
         if spec.mix == "cutmix":
             # SRe2L/RDED's rand_bbox: a box of side sqrt(1 - lam) centred uniformly, clipped.

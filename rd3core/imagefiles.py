@@ -44,7 +44,7 @@ def decode(source: bytes | str, side: int, channels: int, resize: int | None = N
     if img.size != (side, side):
         left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
         img = img.crop((left, top, left + side, top + side))
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 

@@ -269,7 +269,7 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
                 raise ValueError(f"the labeler's views hold {views.order.numel()} samples in {len(views.params)} "
                                  f"steps; this run has {n} samples in {steps} steps of {batch_size}")
         temperature = protocol.loss.temperature_at(epoch / max(epochs - 1, 1))
-        loss_sum = torch.zeros((), device=device)
+        sums = torch.zeros(2, device=device)  # loss, correct (argmax vs the unmixed label)
         t_wait = time.perf_counter()
         for step, (idx, raw) in enumerate(batches.epoch(views.order, batch_size)):
             clock.totals["load"] += time.perf_counter() - t_wait
@@ -295,18 +295,19 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
                     torch._foreach_lerp_(ema_params, params_list, 1.0 - protocol.ema_decay)
                     for be, b in zip(ema.buffers(), model.buffers()):
                         be.copy_(b)
-            loss_sum += loss.detach()
+            sums += torch.stack([loss.detach(), (logits.detach().argmax(1) == y).sum().float()])
             clock.mark("student")
             seen += x.shape[0]
             t_wait = time.perf_counter()
-        mean_loss = (loss_sum / steps).item()  # the one host sync per epoch
+        loss_total, correct = sums.tolist()  # the one host sync per epoch
+        mean_loss = loss_total / steps
         clock.flush()
         t_train += time.perf_counter() - t0
         if not math.isfinite(mean_loss):
             batches.close()
             raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}")
-        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-               "temperature": temperature, "time_s": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, "loss": mean_loss, "train_top1": correct / n,
+               "lr": optimizer.param_groups[0]["lr"], "temperature": temperature, "time_s": time.perf_counter() - t0}
         last = epoch + 1 == epochs
         if last or (protocol.eval.interval and (epoch + 1) % protocol.eval.interval == 0):
             row.update(run_eval())

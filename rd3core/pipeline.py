@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset
 
 def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
              seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
-             stored: StoredLabels | None = None) -> dict[str, Any]:
+             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
     (by phase) and, for stored labels, their size (``labels``).
@@ -168,7 +168,7 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
-                   heldout=heldout.to(runtime.device) if heldout is not None else None)
+                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch)
     metrics = {**result.metrics, **extra}
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
     return {"metrics": metrics, "epochs": result.epochs, "timing": timing, "labels": labels_info,
