@@ -11,7 +11,8 @@ per epoch), a fixed number of epochs, final-epoch top-1 on the full test set.
     augmentation, teacher on the exact student batch).
 (b) reference, written the way RDED's validation/main.py does it: a torch
     DataLoader over in-memory PIL images with per-sample torchvision transforms
-    and 4 workers that start anew every epoch (no persistent workers), CutMix on
+    and 4 workers that start anew every epoch (no persistent workers; batches
+    shared through files, as RDED sets it), CutMix on
     the batch with numpy's random state, teacher forward every step, a LambdaLR
     cosine stepped per epoch. (RDED also runs an extra student forward on the
     clean batch each step for a train accuracy; that is left out, in the
@@ -131,6 +132,10 @@ def rand_bbox(h, w, lam):
             np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w))
 
 
+def _file_system_sharing(worker_id: int) -> None:
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 class Reference:
     def __init__(self, distilled, data, protocol, teacher, student, seed, workers):
         import torchvision.transforms as T
@@ -141,8 +146,12 @@ class Reference:
         transform = T.Compose([T.ToTensor(), ShufflePatchesPerSample(aug.shuffle_patches),
                                T.RandomResizedCrop(info.size, scale=tuple(aug.scale), antialias=True),
                                T.RandomHorizontalFlip(), T.Normalize(info.mean, info.std)])
+        # RDED passes batches from workers through files (sharing strategy
+        # "file_system", also set in every worker).
+        torch.multiprocessing.set_sharing_strategy("file_system")
         self.loader = torch.utils.data.DataLoader(InMemory(distilled.images, distilled.labels, transform),
-                                                  batch_size=50, shuffle=True, num_workers=workers)
+                                                  batch_size=50, shuffle=True, num_workers=workers,
+                                                  worker_init_fn=_file_system_sharing)
         self.teacher, self.student = teacher.eval(), student.train()
         decay = [p for p in student.parameters() if p.ndim > 1]
         rest = [p for p in student.parameters() if p.ndim <= 1]
@@ -210,7 +219,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4, help="reference DataLoader workers (RDED: 4)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of the main process, same for both (1 is steadier on a shared machine)")
     ap.add_argument("--teacher-epochs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: small models, 2 epochs, 1 seed, 1k test images")
     args = ap.parse_args(argv)
@@ -241,9 +251,11 @@ def main(argv=None) -> dict:
         bare.steps(1)  # warm-up: first calls allocate
 
         def interleave(row):
+            # Bare steps right after our epoch (same machine state), then the
+            # reference epoch, whose worker processes are gone when it returns.
             ours_t.append(row["time_s"])
-            ref_t.append(ref.epoch())
             bare_t.append(bare.steps(steps))
+            ref_t.append(ref.epoch())
 
         t0 = time.perf_counter()
         result = posteval(distilled, data, protocol, {teacher_spec.arch: teacher}, seed, on_epoch=interleave)
