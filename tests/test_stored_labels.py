@@ -189,7 +189,7 @@ def test_plan_puts_a_shared_labels_stage_between_synth_and_posteval(tmp_path):
         assert any(d.startswith("labels:") for d in post.deps)
         label = plan.nodes[next(d for d in post.deps if d.startswith("labels:"))]
         assert any(d.startswith("synth:") for d in label.deps) and any(d.startswith("teacher:") for d in label.deps)
-        assert post.payload["labels_key"] == label.key
+        assert post.payload["labels"]["key"] == label.key
 
 
 def test_a_stored_label_study_records_label_storage_bytes(tmp_path):
