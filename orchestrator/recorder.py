@@ -103,7 +103,7 @@ class Recorder:
             if attempt is None:  # never handed over: a stage it needs failed
                 attempt = records.start_attempt(s, self.cell_ids[key])
             records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=failure.type[:200],
-                                   error_message=failure.message, traceback=failure.traceback)
+                                   error_message=failure.message, traceback=failure.traceback, host=outcome.host)
             records.record_provenance(s, attempt, **provenance_fields(self.checkout, None, self.seeds[key]))
         self.attempts.pop(key, None)
 

@@ -39,6 +39,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     failure: Failure | None = None
     wall_s: float | None = None  # time inside the job, on the worker
+    host: str | None = None  # where a failed job ran, when it could say
     retrying: bool = False  # set by execute: the node goes back to the executor
     tries: int = 1  # set by execute: the how-manieth run of this node in this run
 
@@ -50,7 +51,7 @@ class Outcome:
 def outcome_of(node: Node, data: dict[str, Any]) -> Outcome:
     """An Outcome from what worker.run_job returned."""
     if "failure" in data:
-        return Outcome(node, failure=Failure(**data["failure"]), wall_s=data.get("wall_s"))
+        return Outcome(node, failure=Failure(**data["failure"]), wall_s=data.get("wall_s"), host=data.get("host"))
     return Outcome(node, data, wall_s=data.get("wall_s"))
 
 

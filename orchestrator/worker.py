@@ -67,14 +67,18 @@ def heartbeat(board, token: str, period: float):
     node = ray.get_runtime_context().get_node_id()
     who = (node, os.getpid(), socket.gethostname())
     stop = threading.Event()
+    try:
+        # The first beat waits for its delivery: from here on the driver knows
+        # the job started, where, and can tell when it goes silent.
+        ray.get(board.beat.remote(token, *who), timeout=60)
+    except Exception:  # noqa: BLE001 - the board is gone (the run is ending): the job goes on
+        pass
 
     def loop() -> None:
-        while True:
+        while not stop.wait(period):
             try:
                 board.beat.remote(token, *who)
             except Exception:  # noqa: BLE001 - the board is gone (the run is ending): the job goes on
-                return
-            if stop.wait(period):
                 return
 
     thread = threading.Thread(target=loop, name="rd3-heartbeat", daemon=True)
@@ -141,4 +145,4 @@ def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, 
                 failure = failures.Failure(failures.MEMORY, f"the {stage} job went over its memory limit "
                                            f"(resources.memory: {limit / 2**20:.0f} MiB): {failure}",
                                            failure.traceback)
-            return {"failure": asdict(failure), "wall_s": time.perf_counter() - t0}
+            return {"failure": asdict(failure), "wall_s": time.perf_counter() - t0, "host": socket.gethostname()}
