@@ -39,8 +39,7 @@ TRANSIENT = frozenset({WORKER_LOST} | {_RAY + name for name in (
     "NodeDiedError", "LocalRayletDiedError",
     "OutOfMemoryError",  # Ray's memory monitor killed the worker: the node as a whole ran short
     "RaySystemError", "RpcError", "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError",
-    "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
-    "ObjectReconstructionFailedLineageEvictedError",
+    "ObjectReconstructionFailedError",
     "TaskCancelledError",  # cancelled by someone else (the driver forgets the jobs it cancels)
 )})
 STOPPED = frozenset({INTERRUPTED, DRIVER_STOPPED})
