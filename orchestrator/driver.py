@@ -180,7 +180,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
         node = outcome.node
         if outcome.wall_s is not None:
             jobs.append({"stage": node.stage, "key": node.key, "ok": outcome.failure is None,
-                         "wall_s": outcome.wall_s})
+                         "wall_s": outcome.wall_s, **outcome.job})
         for entry in (outcome.result or {}).get("built", []):
             built[entry["stage"]] += 1
             if entry["key"] != node.key:  # an upstream artifact was missing or corrupt
@@ -235,7 +235,8 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
     # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
     print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
     # Where the run's time went (bench/orchestrator_overhead.py reads it).
-    log = {"executor": options.executor, "slots": slots, "wall_s": t_end - t_start,
+    log = {"executor": options.executor, "slots": slots, "started": time.time() - (time.perf_counter() - t_start),
+           "wall_s": t_end - t_start,
            "startup_s": t_executor - t_start, "executor_start_s": t_ready - t_executor,
            "execute_s": t_end - t_ready, "jobs": jobs}
     folder = options.out / study.name

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import failures
@@ -40,6 +40,7 @@ class Outcome:
     failure: Failure | None = None
     wall_s: float | None = None  # time inside the job, on the worker
     host: str | None = None  # where a failed job ran, when it could say
+    job: dict[str, Any] = field(default_factory=dict)  # when (epoch s) and where it ran: start, end, pid, host
     retrying: bool = False  # set by execute: the node goes back to the executor
     tries: int = 1  # set by execute: the how-manieth run of this node in this run
 
@@ -50,9 +51,11 @@ class Outcome:
 
 def outcome_of(node: Node, data: dict[str, Any]) -> Outcome:
     """An Outcome from what worker.run_job returned."""
+    job = data.get("job", {})
     if "failure" in data:
-        return Outcome(node, failure=Failure(**data["failure"]), wall_s=data.get("wall_s"), host=data.get("host"))
-    return Outcome(node, data, wall_s=data.get("wall_s"))
+        return Outcome(node, failure=Failure(**data["failure"]), wall_s=data.get("wall_s"), host=data.get("host"),
+                       job=job)
+    return Outcome(node, data, wall_s=data.get("wall_s"), job=job)
 
 
 def _job_args(node: Node, store_root: str, resources: Resources) -> tuple:

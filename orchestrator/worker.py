@@ -67,18 +67,16 @@ def heartbeat(board, token: str, period: float):
     node = ray.get_runtime_context().get_node_id()
     who = (node, os.getpid(), socket.gethostname())
     stop = threading.Event()
-    try:
-        # The first beat waits for its delivery: from here on the driver knows
-        # the job started, where, and can tell when it goes silent.
-        ray.get(board.beat.remote(token, *who), timeout=60)
-    except Exception:  # noqa: BLE001 - the board is gone (the run is ending): the job goes on
-        pass
 
     def loop() -> None:
-        while not stop.wait(period):
+        # Never ray.get here: a task blocked in ray.get lends its CPU to Ray,
+        # which then starts one more job (and worker) than there are CPUs.
+        while True:
             try:
                 board.beat.remote(token, *who)
             except Exception:  # noqa: BLE001 - the board is gone (the run is ending): the job goes on
+                return
+            if stop.wait(period):
                 return
 
     thread = threading.Thread(target=loop, name="rd3-heartbeat", daemon=True)
@@ -130,19 +128,22 @@ def _out_of_memory(exc: BaseException) -> bool:
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
             gpus: float = 0.0, board=None, token: str = "", period: float = 5.0) -> dict[str, Any]:
     """Run one plan node (orchestrator.jobs.run_node) under the wrapping above.
-    Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``."""
-    t0 = time.perf_counter()
+    Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
+    with ``job`` = when (epoch seconds) and in which process it ran."""
+    t0, started = time.perf_counter(), time.time()
     with heartbeat(board, token, period):
         from .jobs import run_node  # here, not at import: see the module docstring
 
         limit = memory if memory and not gpus else None
         try:
             with memory_limit(limit):
-                return run_node(stage, key, payload, store_root, threads)
+                out = run_node(stage, key, payload, store_root, threads)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, classified by failures
             failure = failures.from_exception(exc, traceback.format_exc())
             if limit and _out_of_memory(exc):
                 failure = failures.Failure(failures.MEMORY, f"the {stage} job went over its memory limit "
                                            f"(resources.memory: {limit / 2**20:.0f} MiB): {failure}",
                                            failure.traceback)
-            return {"failure": asdict(failure), "wall_s": time.perf_counter() - t0, "host": socket.gethostname()}
+            out = {"failure": asdict(failure), "wall_s": time.perf_counter() - t0, "host": socket.gethostname()}
+    out["job"] = {"start": started, "end": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    return out
