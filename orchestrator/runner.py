@@ -172,6 +172,9 @@ class RayExecutor:
 
     def next_outcome(self) -> Outcome:
         while not self.lost:
+            if time.monotonic() >= self.next_check:  # due even while results keep arriving
+                self.check()
+                continue
             if self.ready:
                 return self._collect(self.ready.popleft())
             refs = list(self.pending)
