@@ -189,7 +189,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
         if outcome.retrying:
             progress.note(f"    {node.stage} {node.key[:10]} failed ({outcome.failure.type}: "
                           f"{_first_line(outcome.failure.message)}); transient: retrying "
-                          f"({outcome.tries} of at most {options.max_retries + 1} runs)")
+                          f"(run {outcome.tries + 1} of at most {options.max_retries + 1})")
         if node.stage != "posteval":
             if outcome.failure is None:
                 recorder.stage_done(node)

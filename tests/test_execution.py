@@ -59,7 +59,7 @@ def test_killed_worker_is_a_transient_failure_and_a_frozen_one_is_found_by_heart
         code, stdout, stderr = finish(driver, timeout=240)  # without heartbeats it would wait forever
         assert code == 0, stdout + stderr
         assert "WorkerLost: the posteval job was lost: no heartbeat for" in stdout
-        assert "transient: retrying (1 of at most 2 runs)" in stdout
+        assert "transient: retrying (run 2 of at most 2)" in stdout
         runs = attempts(db)
         assert runs[crashed[0]] == [(1, "failed", "ray.exceptions.WorkerCrashedError"), (2, "failed", "WorkerLost"),
                                     (3, "done", None)]
