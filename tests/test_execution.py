@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from procs import (assert_one_result_per_cell, attempts, cpu_seconds, descendants, finish, job_worker, kill_all,
+from procs import (assert_one_result_per_cell, attempts, cpu_seconds, descendants, finish, job_worker, kill_all, rows,
                    start_cli, wait_for)
 
 STUDY = """\
@@ -55,6 +55,10 @@ def test_killed_worker_is_a_transient_failure_and_a_frozen_one_is_found_by_heart
         started += descendants(driver.pid)
         used = cpu_seconds(frozen)
         wait_for(lambda: cpu_seconds(frozen) > used + 1.0, 60, "the job to be at work", driver)
+        # While it runs, the driver records its heartbeats on the attempt row.
+        wait_for(lambda: rows(db, "SELECT count(*) FROM attempt WHERE status = 'running' AND "
+                                  "julianday(heartbeat_at) > julianday(started_at) + 0.5 / 86400")[0][0], 30,
+                 "a heartbeat recorded on the running attempt", driver)
         os.kill(frozen, signal.SIGSTOP)
         code, stdout, stderr = finish(driver, timeout=240)  # without heartbeats it would wait forever
         assert code == 0, stdout + stderr
