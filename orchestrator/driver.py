@@ -278,9 +278,12 @@ def report_failures(study: Study, failed: list, skipped: list, command: str, opt
 
 def result_metrics(result: dict) -> dict[str, float]:
     """Everything numeric a cell reports, flattened into named metrics: the
-    accuracies (``top1`` is THE result), timings (``time_*``) and the cost of the
-    distilled set it used (``synth_*``: wall time and bytes, RD3's efficiency axis)."""
+    accuracies (``top1`` is THE result), timings (``time_*``), the cost of the
+    distilled set it used (``synth_*``: wall time and bytes, RD3's efficiency axis)
+    and of its stored labels (``labels_storage_bytes``, ``labels_wall_s``)."""
     metrics = dict(result["metrics"])
+    metrics.update({f"labels_{k}": v for k, v in result.get("labels", {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
     metrics.update({f"time_{k}": v for k, v in result["timing"].items()})
     metrics.update({f"synth_{k}": v for k, v in result.get("synth_meta", {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version"})

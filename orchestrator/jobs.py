@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,8 +28,9 @@ from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
 from rd3core.data import Dataset, load_dataset
 from rd3core.loop import Runtime
-from rd3core.pipeline import TeacherSpec, build_model, posteval, train_teacher
+from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, posteval, train_teacher
 from rd3core.protocol import Protocol
+from rd3core.stored_labels import StoredLabels
 from rd3core.synth import METHODS, DistilledSet, synthesize
 
 
@@ -126,6 +128,16 @@ def make_synth(ctx: Context, payload: dict) -> tuple[Any, dict]:
     return distilled.state(), distilled.meta
 
 
+@producer("labels")
+def make_labels(ctx: Context, payload: dict) -> tuple[Any, dict]:
+    dataset = _get_dataset(payload["dataset"])
+    distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
+    teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
+    stored = make_stored_labels(distilled, dataset, build(Protocol, payload["protocol"]), teachers,
+                                payload["seed"], ctx.runtime, payload.get("ipc"))
+    return stored.state(), stored.meta
+
+
 @functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str | None]:
     """Versions of what computes the numbers, as installed on this worker (the
@@ -150,6 +162,9 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+    ray = sys.modules.get("ray")  # only inside a Ray worker; never imported here otherwise
+    if ray is not None and ray.is_initialized():
+        info["ray_node_id"] = ray.get_runtime_context().get_node_id()
     return info
 
 
@@ -170,7 +185,9 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
         protocol = build(Protocol, payload["protocol"])
         teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
-        result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"))
+        stored = StoredLabels.from_state(ensure(ctx, payload["labels"])) if payload.get("labels") else None
+        result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
+                          stored=stored)
         out.update(result)
         out["synth_meta"] = distilled.meta
         out["dataset"] = dataset.record

@@ -1,7 +1,9 @@
-"""The stage graph: teacher -> synth -> posteval, every stage keyed by content
+"""The stage graph: teacher -> synth -> [labels] -> posteval, every stage keyed by content
 so that cells share what they have in common. A teacher used by forty cells is
 one node; a distilled set shared by every protocol variant of a (method, seed)
-is one node.
+is one node. A `labels` node (stored FKD-style labels) sits between synth and
+posteval when the protocol's labels.mode is 'stored'; protocol variants that
+differ only in what the labels do not depend on (student, optimiser, ...) share it.
 
 A stored stage's key is ``stage_key(stage, version, params, upstream keys)``
 where ``params`` is only what that stage's output depends on. Every node's
@@ -21,17 +23,18 @@ from typing import Any, Iterable
 
 from rd3core.artifacts import ArtifactStore, stage_key
 from rd3core.config import to_dict
+from rd3core.stored_labels import protocol_params as stored_label_params
 from rd3core.synth import METHODS
 
 from .expand import Cell
 from .resources import Resources, ResourcesSpec
 
-STAGES = ("teacher", "synth", "posteval")
+STAGES = ("teacher", "synth", "labels", "posteval")
 # Stages whose outputs are results in the DB, not artifacts in the store.
 RESULT_STAGES = ("posteval",)
 # Bump when a stage's output for the same params changes (invalidates its cache).
 # A synthesis method's own version (rd3core.synth) is the synth stage's version.
-STAGE_VERSIONS = {"teacher": 1, "posteval": 1}
+STAGE_VERSIONS = {"teacher": 1, "labels": 1, "posteval": 1}
 
 
 @dataclass
@@ -92,6 +95,14 @@ def synth_params(cell: Cell) -> dict:
             **method.key_inputs(cell.method.params, cell.seed)}
 
 
+def labels_params(cell: Cell) -> dict:
+    """What a cell's stored labels depend on: the protocol fields that shape the
+    views and targets, the seed and IPC (RDED's batch rule); the synth and
+    labelling teacher keys enter as upstream keys."""
+    return {"dataset": to_dict(cell.dataset), "protocol": stored_label_params(cell.protocol), "seed": cell.seed,
+            "ipc": cell.config["method"].get("ipc")}
+
+
 def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
     plan = Plan()
     for cell in cells:
@@ -106,11 +117,17 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
                            {"dataset": dataset, "method": cell.config["method"], "seed": cell.seed,
                             "teacher": primary.ref() if primary else None},
                            {"teacher": primary} if primary else None)
-        plan.add(Node("posteval", cell.key, tuple(dict.fromkeys((synth.id, *(n.id for n in teachers.values())))),
-                      {"dataset": dataset, "synth": synth.ref(),
-                       "teachers": {arch: n.ref() for arch, n in teachers.items()},
-                       "protocol": cell.config["protocol"], "seed": cell.seed,
-                       "ipc": cell.config["method"].get("ipc")}))
+        payload = {"dataset": dataset, "synth": synth.ref(),
+                   "teachers": {arch: n.ref() for arch, n in teachers.items()},
+                   "protocol": cell.config["protocol"], "seed": cell.seed, "ipc": cell.config["method"].get("ipc")}
+        deps = (synth.id, *(n.id for n in teachers.values()))
+        if cell.protocol.labels.mode == "stored":
+            names = list(cell.protocol.labels.teachers) or [cell.teachers[0].arch]
+            labels = plan.stage(store, "labels", STAGE_VERSIONS["labels"], labels_params(cell), dict(payload),
+                                {"synth": synth, **{f"teacher:{n}": teachers[n] for n in names}})
+            payload["labels"] = labels.ref()
+            deps = (*deps, labels.id)
+        plan.add(Node("posteval", cell.key, tuple(dict.fromkeys(deps)), payload))
     return plan
 
 

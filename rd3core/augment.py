@@ -8,7 +8,9 @@ pipeline: ShufflePatches -> RandomResizedCrop (or padded crop) + flip -> RandAug
 -> CutMix / MixUp on the batch.
 
 Crop and flip are one ``affine_grid`` + ``grid_sample`` for the whole batch, so
-the hot loop has no per-sample Python.
+the hot loop has no per-sample Python. The crop is taken from the input size
+and resampled to the output size, so a streamed 256 px decode can be cropped to
+a 224 px view on the device.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ class AugmentSpec:
     mix: Literal["none", "cutmix", "mixup"] = "cutmix"
     mix_alpha: float = 1.0  # CutMix's beta or MixUp's alpha: lam ~ Beta(a, a)
     mix_prob: float = 1.0  # probability that a batch is mixed
-    shuffle_patches: int = 1  # RDED's factor f: f x f patches permuted per image; 1 = off
+    # RDED's ShufflePatches(f): the image is cut into f column strips that are
+    # permuted, then into f row strips that are permuted; 1 = off.
+    shuffle_patches: int = 1
     randaugment: tuple[int, int] | None = None  # (num_ops, magnitude 0-30), or None
 
     def validate(self):
@@ -44,8 +48,8 @@ class AugmentSpec:
             yield "mix_alpha", f"expected > 0, got {self.mix_alpha}"
         if not 0 <= self.mix_prob <= 1:
             yield "mix_prob", f"expected a probability, got {self.mix_prob}"
-        if self.shuffle_patches < 1:
-            yield "shuffle_patches", f"expected >= 1, got {self.shuffle_patches}"
+        if not 1 <= self.shuffle_patches <= 64:
+            yield "shuffle_patches", f"expected 1-64, got {self.shuffle_patches}"
         if self.padding < 0:
             yield "padding", f"expected >= 0, got {self.padding}"
         if self.randaugment is not None and (self.randaugment[0] < 0 or not 0 <= self.randaugment[1] <= 30):
@@ -57,17 +61,22 @@ NO_AUGMENT = AugmentSpec(crop="none", flip=False, mix="none")
 
 @dataclass
 class AugParams:
-    """Everything one batch's augmentation drew. Tensors live on the CPU until
-    ``apply`` moves what it needs; ``to_record`` gives compact storage."""
+    """Everything one batch's augmentation drew, in compact dtypes (this is what
+    stored labels keep per step). Tensors stay on the CPU; ``apply`` moves what
+    it needs."""
 
     n: int
-    theta: torch.Tensor | None = None  # [N, 2, 3] crop + flip as an affine map
-    patch_perm: torch.Tensor | None = None  # [N, f*f]
-    ra_ops: torch.Tensor | None = None  # [N, num_ops] RandAugment op ids
-    ra_signs: torch.Tensor | None = None  # [N, num_ops] +-1
-    mix_perm: torch.Tensor | None = None  # [N] partner of each sample
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    crop: torch.Tensor | None = None  # [N, 4] int16 (top, left, height, width) in input pixels
+    flip: torch.Tensor | None = None  # [N] bool
+    patch_cols: torch.Tensor | None = None  # [N, f] int8: source strip of each column strip
+    patch_rows: torch.Tensor | None = None  # [N, f] int8
+    ra_ops: torch.Tensor | None = None  # [N, num_ops] int8 RandAugment op ids
+    ra_signs: torch.Tensor | None = None  # [N, num_ops] int8 +-1
+    mix_perm: torch.Tensor | None = None  # [N] int64: partner of each sample
     mix_lam: float = 1.0  # weight of the sample itself after mixing
-    mix_box: tuple[int, int, int, int] | None = None  # CutMix (y0, y1, x0, x1)
+    mix_box: tuple[int, int, int, int] | None = None  # CutMix (y0, y1, x0, x1) in output pixels
 
     def mixed(self) -> bool:
         return self.mix_perm is not None
@@ -77,7 +86,14 @@ class AugParams:
 
     @classmethod
     def from_state(cls, state: dict) -> "AugParams":
+        state = dict(state)
+        for key in ("in_hw", "out_hw", "mix_box"):
+            if state.get(key) is not None:
+                state[key] = tuple(int(v) for v in state[key])
         return cls(**state)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.state().values() if isinstance(v, torch.Tensor))
 
 
 def _rrc_boxes(n: int, h: int, w: int, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
@@ -110,76 +126,100 @@ def _rrc_boxes(n: int, h: int, w: int, spec: AugmentSpec, gen: torch.Generator) 
     return torch.stack([top, left, ch, cw], 1)
 
 
-def draw(spec: AugmentSpec, n: int, h: int, w: int, gen: torch.Generator) -> AugParams:
-    params = AugParams(n=n)
+def _perms(n: int, f: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.argsort(torch.rand(n, f, generator=gen), dim=1).to(torch.int8)
+
+
+def draw(spec: AugmentSpec, n: int, h: int, w: int, gen: torch.Generator,
+         out_hw: tuple[int, int] | None = None) -> AugParams:
+    """Draw one batch's augmentation for ``n`` inputs of ``h`` x ``w`` pixels,
+    producing views of ``out_hw`` (default: the input size)."""
+    oh, ow = out_hw or (h, w)
+    params = AugParams(n=n, in_hw=(h, w), out_hw=(oh, ow))
     f = spec.shuffle_patches
     if f > 1:
-        params.patch_perm = torch.argsort(torch.rand(n, f * f, generator=gen), dim=1)
-    if spec.crop != "none" or spec.flip:
-        if spec.crop == "rrc":
-            top, left, ch, cw = _rrc_boxes(n, h, w, spec, gen).unbind(1)
-        elif spec.crop == "pad":
-            p = spec.padding
-            shift = torch.randint(-p, p + 1, (n, 2), generator=gen).float()
-            top, left = shift[:, 0], shift[:, 1]
-            ch, cw = torch.full((n,), float(h)), torch.full((n,), float(w))
-        else:
-            top, left = torch.zeros(n), torch.zeros(n)
-            ch, cw = torch.full((n,), float(h)), torch.full((n,), float(w))
-        flip = torch.rand(n, generator=gen) < 0.5 if spec.flip else torch.zeros(n, dtype=torch.bool)
-        # Output pixel grid in [-1, 1] maps to the crop (align_corners=False convention).
-        sx, sy = cw / w, ch / h
-        cx = (left + cw / 2) / w * 2 - 1
-        cy = (top + ch / 2) / h * 2 - 1
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = torch.where(flip, -sx, sx)
-        theta[:, 0, 2] = cx
-        theta[:, 1, 1] = sy
-        theta[:, 1, 2] = cy
-        params.theta = theta
+        params.patch_cols = _perms(n, f, gen)
+        params.patch_rows = _perms(n, f, gen)
+    if spec.crop == "rrc":
+        params.crop = _rrc_boxes(n, h, w, spec, gen).to(torch.int16)
+    elif spec.crop == "pad":
+        p = spec.padding
+        shift = torch.randint(-p, p + 1, (n, 2), generator=gen)
+        params.crop = torch.cat([shift, torch.tensor([h, w]).expand(n, 2)], 1).to(torch.int16)
+    if spec.flip:
+        params.flip = torch.rand(n, generator=gen) < 0.5
     if spec.randaugment is not None and spec.randaugment[0] > 0:
         from .randaugment import NUM_OPS
         k = spec.randaugment[0]
-        params.ra_ops = torch.randint(0, NUM_OPS, (n, k), generator=gen)
-        params.ra_signs = torch.randint(0, 2, (n, k), generator=gen) * 2 - 1
+        params.ra_ops = torch.randint(0, NUM_OPS, (n, k), generator=gen).to(torch.int8)
+        params.ra_signs = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(torch.int8)
     if spec.mix != "none" and n > 1 and torch.rand(1, generator=gen).item() < spec.mix_prob:
         # numpy's Beta, seeded from the torch generator: torch's Beta sampler takes no generator.
-        lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen))).beta(spec.mix_alpha, spec.mix_alpha))
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        lam = float(rng.beta(spec.mix_alpha, spec.mix_alpha))
         params.mix_perm = torch.randperm(n, generator=gen)
         if spec.mix == "cutmix":
+            # SRe2L/RDED's rand_bbox: a box of side sqrt(1 - lam) centred uniformly, clipped.
             cut = math.sqrt(1.0 - lam)
-            cut_h, cut_w = int(h * cut), int(w * cut)
-            cy, cx = (int(v) for v in torch.randint(0, 1 << 30, (2,), generator=gen) % torch.tensor([h, w]))
-            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            cut_h, cut_w = int(oh * cut), int(ow * cut)
+            cy = int(torch.randint(0, oh, (1,), generator=gen))
+            cx = int(torch.randint(0, ow, (1,), generator=gen))
+            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, oh)
+            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, ow)
             params.mix_box = (y0, y1, x0, x1)
             # The label weight is the area actually kept after clipping the box.
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (oh * ow)
         params.mix_lam = lam
     return params
 
 
-def shuffle_patches(x: torch.Tensor, perm: torch.Tensor, f: int) -> torch.Tensor:
+def _strip_index(perm: torch.Tensor, size: int, f: int) -> torch.Tensor:
+    """[N, size] source position of every output position when f strips of
+    size // f are permuted (a remainder that f does not divide stays in place)."""
+    width = size // f
+    pos = torch.arange(size, device=perm.device)
+    strip = (pos // width).clamp(max=f - 1)
+    src = perm.long()[:, strip] * width + pos % width
+    return torch.where(pos < width * f, src, pos.expand_as(src))
+
+
+def shuffle_patches(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
-    ph, pw = h // f, w // f
-    core = x[:, :, : ph * f, : pw * f]
-    patches = core.reshape(n, c, f, ph, f, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, f * f, c, ph, pw)
-    idx = perm.to(x.device).view(n, f * f, 1, 1, 1).expand_as(patches)
-    patches = torch.gather(patches, 1, idx)
-    out = patches.reshape(n, f, f, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, ph * f, pw * f)
-    if out.shape != x.shape:  # sizes not divisible by f keep their border
-        x = x.clone()
-        x[:, :, : ph * f, : pw * f] = out
-        return x
-    return out
+    f = cols.shape[1]
+    col_idx = _strip_index(cols.to(x.device), w, f)
+    x = x.gather(3, col_idx.view(n, 1, 1, w).expand(n, c, h, w))
+    row_idx = _strip_index(rows.to(x.device), h, f)
+    return x.gather(2, row_idx.view(n, 1, h, 1).expand(n, c, h, w))
+
+
+def crop_theta(crop: torch.Tensor | None, flip: torch.Tensor | None, n: int, in_hw: tuple[int, int],
+               device: torch.device | str) -> torch.Tensor:
+    """The affine map from output to input coordinates (align_corners=False)
+    that takes each crop box (whole image when None), mirrored where flipped."""
+    h, w = in_hw
+    if crop is None:
+        top, left = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        ch, cw = torch.full((n,), float(h), device=device), torch.full((n,), float(w), device=device)
+    else:
+        top, left, ch, cw = crop.to(device).float().unbind(1)
+    sx, sy = cw / w, ch / h
+    if flip is not None:
+        sx = torch.where(flip.to(device), -sx, sx)
+    zeros = torch.zeros_like(sx)
+    cx = (left + cw / 2) / w * 2 - 1
+    cy = (top + ch / 2) / h * 2 - 1
+    return torch.stack([torch.stack([sx, zeros, cx], 1), torch.stack([zeros, sy, cy], 1)], 1)
 
 
 def apply(x: torch.Tensor, params: AugParams, spec: AugmentSpec) -> torch.Tensor:
     """Apply drawn parameters to a float batch in [0, 1] (pure; no randomness)."""
-    if params.patch_perm is not None:
-        x = shuffle_patches(x, params.patch_perm, spec.shuffle_patches)
-    if params.theta is not None:
-        grid = F.affine_grid(params.theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    if tuple(x.shape[-2:]) != params.in_hw:
+        raise ValueError(f"augmentation drawn for {params.in_hw} inputs, applied to {tuple(x.shape[-2:])}")
+    if params.patch_cols is not None:
+        x = shuffle_patches(x, params.patch_cols, params.patch_rows)
+    if params.crop is not None or params.flip is not None or params.out_hw != params.in_hw:
+        theta = crop_theta(params.crop, params.flip, x.shape[0], params.in_hw, x.device).to(x.dtype)
+        grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *params.out_hw], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if params.ra_ops is not None:
         from .randaugment import apply_randaugment
@@ -195,8 +235,9 @@ def apply(x: torch.Tensor, params: AugParams, spec: AugmentSpec) -> torch.Tensor
     return x
 
 
-def augment(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> tuple[torch.Tensor, AugParams]:
-    params = draw(spec, x.shape[0], x.shape[-2], x.shape[-1], gen)
+def augment(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator,
+            out_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, AugParams]:
+    params = draw(spec, x.shape[0], x.shape[-2], x.shape[-1], gen, out_hw)
     return apply(x, params, spec), params
 
 

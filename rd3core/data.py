@@ -2,6 +2,7 @@
 family) lives in one :class:`DatasetInfo`; loaders return tensors that stay
 resident on the device for small sets, airbench-style.
 
+ImageNet-scale sets stream from disk instead (:class:`rd3core.imagefiles.StreamSplit`).
 Images are kept as uint8 (real data) or float32 in [0, 1] (synthetic data);
 :func:`as_float` turns either into [0, 1] floats for a batch, and
 :meth:`DatasetInfo.normalize` applies mean/std right before the model.
@@ -9,9 +10,7 @@ Images are kept as uint8 (real data) or float32 in [0, 1] (synthetic data);
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,16 +31,36 @@ class DatasetInfo:
     std: tuple[float, ...]
     family: str  # 'digits' | 'cifar' | 'tiny' | 'imagenet': selects per-family preset values
     source: str  # where the data comes from, for the record
+    # Test transform: short side resized to `resize` (0: to `size`), centre crop
+    # of `size`. Streamed train images are decoded square at `resize` and
+    # cropped to `size` on the device.
+    resize: int = 0
+    stream: bool = False  # ImageNet-scale: files stay on disk, DataLoader workers decode
+
+    @property
+    def test_transform(self) -> str:
+        short = self.resize or self.size
+        return f"resize short side to {short}, centre crop {self.size}"
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Cached per device: building them from Python floats every step would be
+        # a host-to-device copy per batch.
+        key = (self.mean, self.std, str(x.device), x.dtype)
+        if key not in _STATS:
+            _STATS[key] = (torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1),
+                           torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1))
+        return _STATS[key]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = self._stats(x)
         return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = self._stats(x)
         return x * std + mean
+
+
+_STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @dataclass
@@ -62,7 +81,7 @@ class Split:
 @dataclass
 class Dataset:
     info: DatasetInfo
-    train: Split
+    train: Split  # or a StreamSplit (rd3core.imagefiles) for streamed sets
     test: Split
     classes: tuple[str, ...]
     # How the data was obtained and split, stored with every result.
@@ -90,7 +109,7 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 # Registry: name -> loader(root, info) -> Dataset
 # --------------------------------------------------------------------------------------
 
-Loader = Callable[[str | None], Dataset]
+Loader = Callable[..., Dataset]  # (root, stream=None) -> Dataset
 DATASETS: Registry[tuple[DatasetInfo, Loader]] = Registry("dataset")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -101,7 +120,7 @@ DIGITS_TEST_FRACTION = 0.25
 DIGITS_SIZE = 16
 
 
-def _load_digits(root: str | None) -> Dataset:
+def _load_digits(root: str | None, stream: bool | None = None) -> Dataset:
     from sklearn.datasets import load_digits
 
     info = DATASETS.get("digits")[0]
@@ -141,7 +160,7 @@ DATASETS.add("digits", (DatasetInfo(
 
 
 # --------------------------------------------------------------------------------------
-# ImageFolder trees (directory or .tar.gz), decoded once and cached as .npz
+# File-based datasets: every per-dataset fact in the table below
 # --------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
@@ -151,91 +170,10 @@ def cache_dir() -> Path:
     return path
 
 
-def _decode(data: bytes, size: int, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        # Small-image sets are stored at their native size; the short side is
-        # resized and centre-cropped, as the field's test transforms do.
-        scale = size / min(img.size)
-        img = img.resize((max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))), Image.BILINEAR)
-        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-
-
-def _iter_imagefolder(path: Path):
-    """Yield (split, class_name, bytes) from a directory or a .tar(.gz) holding
-    train/<class>/<file> and test/<class>/<file>."""
-    if path.is_dir():
-        for file in sorted(path.glob("*/*/*")):
-            if file.is_file():
-                yield file.parts[-3], file.parts[-2], file.read_bytes()
-        return
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = Path(member.name).parts
-            parts = parts[parts.index("train") if "train" in parts else parts.index("test") if "test" in parts else 0:]
-            if len(parts) != 3 or parts[0] not in ("train", "test", "val"):
-                continue
-            yield parts[0], parts[1], tar.extractfile(member).read()
-
-
-def _file_digest(path: Path) -> str:
-    if path.is_dir():
-        h = hashlib.sha256()
-        for file in sorted(path.glob("*/*/*")):
-            h.update(str(file.relative_to(path)).encode())
-            h.update(str(file.stat().st_size).encode())
-        return h.hexdigest()[:16]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def load_imagefolder(path: str | Path, info: DatasetInfo) -> Dataset:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {info.name!r}: {path} does not exist")
-    digest = _file_digest(path)
-    cached = cache_dir() / f"{info.name}-{info.size}-{digest}.npz"
-    if cached.exists():
-        z = np.load(cached, allow_pickle=False)
-        arrays = {k: z[k] for k in z.files}
-    else:
-        buckets: dict[str, tuple[list, list]] = {}
-        raw = list(_iter_imagefolder(path))
-        classes = sorted({c for _, c, _ in raw})
-        index = {c: i for i, c in enumerate(classes)}
-        for split, cls, data in raw:
-            split = "test" if split == "val" else split
-            xs, ys = buckets.setdefault(split, ([], []))
-            xs.append(_decode(data, info.size, info.channels))
-            ys.append(index[cls])
-        if set(buckets) != {"train", "test"}:
-            raise ValueError(f"dataset {info.name!r}: {path} must hold train/<class>/ and test/<class>/ (found {sorted(buckets)})")
-        arrays = {"classes": np.array(classes)}
-        for split, (xs, ys) in buckets.items():
-            arrays[f"{split}_x"] = np.stack(xs)
-            arrays[f"{split}_y"] = np.asarray(ys, dtype=np.int64)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cached)  # atomic: concurrent loaders never see half a file
-    classes = tuple(str(c) for c in arrays["classes"])
-    if len(classes) != info.num_classes:
-        raise ValueError(f"dataset {info.name!r}: {path} has {len(classes)} classes, expected {info.num_classes}")
-    train = Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
-    test = Split(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"]))
-    record = {"dataset": info.name, "source": str(path), "source_digest": digest,
-              "split": {"train": len(train), "test": len(test), "as_given": True},
-              "fingerprint": tensor_digest(train.labels, test.labels) + digest[:8]}
-    return Dataset(info, train, test, classes, record)
+def load_imagefolder(path: str | Path, info: DatasetInfo, stream: bool | None = None) -> Dataset:
+    """Any ImageFolder tree or .tar(.gz) of one (see :mod:`rd3core.imagefiles`)."""
+    from .imagefiles import load_imagefolder as load
+    return load(path, info, stream)
 
 
 def _root_from_env(name: str, root: str | None) -> str:
@@ -248,9 +186,17 @@ def _root_from_env(name: str, root: str | None) -> str:
     return found
 
 
-def _folder_loader(name: str) -> Loader:
-    def load(root: str | None) -> Dataset:
-        return load_imagefolder(_root_from_env(name, root), DATASETS.get(name)[0])
+def _file_loader(name: str) -> Loader:
+    def load(root: str | None, stream: bool | None = None) -> Dataset:
+        from . import imagefiles
+
+        info = DATASETS.get(name)[0]
+        path = Path(_root_from_env(name, root)).expanduser()
+        if name in imagefiles.CIFAR_PICKLES and path.exists():
+            found = imagefiles.torchvision_cifar_source(path, name)
+            if found is not None:
+                return imagefiles.load_torchvision_cifar(found, info)
+        return imagefiles.load_imagefolder(path, info, stream)
     load.needs_root = True
     return load
 
@@ -265,23 +211,36 @@ def check_location(name: str, root: str | None) -> None:
             raise FileNotFoundError(f"dataset {name!r}: {path} does not exist")
 
 
-for _info in (
-    DatasetInfo("cifar10", 10, 3, 32, CIFAR_MEAN, CIFAR_STD, "cifar", "ImageFolder tree or .tar.gz of one"),
-    DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar",
-                "ImageFolder tree or .tar.gz of one"),
+_FOLDER = "ImageFolder tree (train/<class>/, val/<class>/)"
+_CIFAR = "ImageFolder tree or .tar.gz of one, or torchvision's cifar-*-python folder/tarball"
+# The one place for per-dataset facts: classes, channels, input side, mean/std,
+# family (selects per-family preset blocks), the test transform (short side
+# resized to `resize`, centre crop of `size`) and whether the set streams.
+FACTS = (
+    DatasetInfo("cifar10", 10, 3, 32, CIFAR_MEAN, CIFAR_STD, "cifar", _CIFAR),
+    DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar", _CIFAR),
     DatasetInfo("tinyimagenet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), "tiny",
-                "ImageFolder tree (train/, test/ or val/)"),
-):
-    DATASETS.add(_info.name, (_info, _folder_loader(_info.name)))
+                _FOLDER + " or the original val/images + val_annotations.txt"),
+    DatasetInfo("imagenet1k", 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet", _FOLDER, resize=256,
+                stream=True),
+    DatasetInfo("imagenette", 10, 3, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet",
+                _FOLDER + " (fast.ai imagenette2)", resize=256, stream=True),
+    DatasetInfo("imagewoof", 10, 3, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet",
+                _FOLDER + " (fast.ai imagewoof2)", resize=256, stream=True),
+)
+for _info in FACTS:
+    DATASETS.add(_info.name, (_info, _file_loader(_info.name)))
 
 
 def dataset_info(name: str) -> DatasetInfo:
     return DATASETS.get(name)[0]
 
 
-def load_dataset(name: str, root: str | None = None) -> Dataset:
+def load_dataset(name: str, root: str | None = None, stream: bool | None = None) -> Dataset:
+    """Load a registered dataset. ``stream`` overrides the dataset's default
+    (ImageNet-scale sets stream from disk; small sets are held as tensors)."""
     info, loader = DATASETS.get(name)
-    return loader(root)
+    return loader(root) if stream is None else loader(root, stream)
 
 
 def list_datasets() -> list[str]:

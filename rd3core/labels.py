@@ -1,7 +1,8 @@
 """Label sources for post-evaluation. Each is called once per training step with
 the batch exactly as the student sees it and returns teacher logits (or None for
 hard labels). Teachers always run in eval mode under ``torch.inference_mode``:
-no gradients, no BN statistic updates.
+no gradients, no BN statistic updates. Stored (FKD-style) labels replay a
+precomputed record instead: :mod:`rd3core.stored_labels`.
 """
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 student post-evaluation (soft labels on a distilled set) both run through
 :func:`train`.
 
-The hot loop is: index the device-resident tensors, augment the batch, ask the
-label source for targets, forward, loss, backward, step. No host sync per step:
-losses are summed on the device and read once per epoch.
+The hot loop is: index the device-resident tensors (or take the next streamed
+batch), augment the batch, ask the label source for targets, forward, loss,
+backward, step. No host sync per step: losses are summed on the device and
+read once per epoch, and every random choice of an epoch is drawn up front on
+the CPU (:func:`draw_views`), which is also what stored labels record.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import math
 import resource
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +39,7 @@ class Runtime:
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
     channels_last: bool = False
+    workers: int = 4  # DataLoader workers for streamed (ImageNet-scale) splits
 
     @classmethod
     def auto(cls) -> "Runtime":
@@ -52,6 +56,37 @@ class TrainResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Views:
+    """One block's sample order and every step's augmentation parameters."""
+
+    order: torch.Tensor  # [N] int64
+    params: list[aug.AugParams]
+
+
+def num_steps(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def draw_views(spec: aug.AugmentSpec, n: int, batch_size: int, in_hw: tuple[int, int], out_hw: tuple[int, int],
+               seed: int, block: int) -> Views:
+    """Everything random about one block of epochs, from its own seeded stream:
+    replaying a block (refresh_every > 1, or stored labels) is exact."""
+    gen = generator(seed, "loop", block)
+    order = torch.randperm(n, generator=gen)
+    params = [aug.draw(spec, min(batch_size, n - k * batch_size), *in_hw, gen, out_hw)
+              for k in range(num_steps(n, batch_size))]
+    return Views(order, params)
+
+
+def make_batch(raw: torch.Tensor, params: aug.AugParams, spec: aug.AugmentSpec, info: DatasetInfo,
+               runtime: "Runtime") -> torch.Tensor:
+    """The student's (and teacher's) input for one step: shared by the loop and
+    the stored-labels stage so both see bit-identical views."""
+    x = info.normalize(aug.apply(as_float(raw), params, spec))
+    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
+
+
 def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     if spec.no_decay_norm_bias:
         # Norm weights and biases are the 1-d parameters in every registered model.
@@ -66,22 +101,34 @@ def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     return cls(groups, lr=spec.lr, betas=spec.betas)
 
 
+def _streamed(split) -> bool:
+    return hasattr(split, "loader")
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, info: DatasetInfo, runtime: Runtime, batch_size: int = 500,
+def evaluate(model: nn.Module, split, info: DatasetInfo, runtime: Runtime, batch_size: int = 500,
              flip_tta: bool = False) -> float:
-    """Top-1 accuracy as a fraction."""
+    """Top-1 accuracy as a fraction, on a tensor split or a streamed one."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
-    for i in range(0, len(split), batch_size):
-        x = info.normalize(as_float(split.images[i:i + batch_size].to(runtime.device)))
+    chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
+    if _streamed(split):
+        loader, sampler = split.loader(train=False, workers=runtime.workers,
+                                       pin_memory=runtime.device.startswith("cuda"))
+        sampler.batches = chunks
+        batches = zip(chunks, loader)
+    else:
+        batches = ((rows, split.images[rows[0]:rows[-1] + 1]) for rows in chunks)
+    for rows, raw in batches:
+        x = info.normalize(as_float(raw.to(runtime.device, non_blocking=True)))
         if runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", torch.bfloat16, enabled=runtime.amp):
             logits = model(x).float()
             if flip_tta:
                 logits = logits + model(torch.flip(x, dims=[3])).float()
-        correct += (logits.argmax(1) == split.labels[i:i + batch_size].to(runtime.device)).sum()
+        correct += (logits.argmax(1) == split.labels[rows[0]:rows[-1] + 1].to(runtime.device)).sum()
     model.train(was_training)
     return correct.item() / max(len(split), 1)
 
@@ -93,10 +140,78 @@ def _peak_memory_bytes(runtime: Runtime) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+class PhaseClock:
+    """Wall time per phase of the step. On CUDA, events recorded between phases
+    and read once per epoch (no sync per step); on the CPU, perf_counter."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.totals: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, object, object]] = []
+        self._last = None
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        if self.cuda:
+            self._pending.append((phase, self._last, now))
+        else:
+            self.totals[phase] += now - self._last
+        self._last = now
+
+    def flush(self) -> None:
+        """Call after a host sync (the per-epoch loss read)."""
+        for phase, start, end in self._pending:
+            self.totals[phase] += start.elapsed_time(end) / 1000.0
+        self._pending.clear()
+
+
+class _Batches:
+    """Yields (idx on device, raw images on device) in a block's order."""
+
+    def __init__(self, data, runtime: Runtime):
+        self.data, self.device = data, runtime.device
+        self.loader = None
+        if _streamed(data):
+            self.loader, self.sampler = data.loader(train=True, workers=runtime.workers,
+                                                    pin_memory=self.device.startswith("cuda"))
+            self.in_hw = data.train_hw
+        else:
+            self.in_hw = tuple(data.images.shape[-2:])
+
+    def epoch(self, order: torch.Tensor, batch_size: int):
+        chunks = order.split(batch_size)
+        if self.loader is None:
+            on_device = order.to(self.device)
+            for idx in on_device.split(batch_size):
+                yield idx, self.data.images[idx]
+            return
+        self.sampler.batches = [c.tolist() for c in chunks]
+        for idx, raw in zip(chunks, self.loader):
+            yield idx.to(self.device), raw.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.loader = None  # drops the persistent workers
+
+
 def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, labeler, *, batch_size: int,
           seed: int, runtime: Runtime = Runtime(), test: Split | None = None, heldout: Split | None = None,
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` under ``protocol`` with targets from ``labeler``.
+
+    ``data`` is a tensor :class:`Split` (moved to the device) or a streamed
+    split (decoded by workers). A labeler with a ``views(block)`` method (stored
+    labels) dictates the sample order and augmentation; otherwise they are
+    drawn from ``seed``.
 
     Returns the final-epoch test top-1 as ``metrics["top1"]`` (THE result), plus
     clearly named extras: ``top1_best_on_test`` (selected on the test set) and
@@ -110,57 +225,66 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
         model = model.to(memory_format=torch.channels_last)
     model.train()
     data = data.to(device)
+    batches = _Batches(data, runtime)
     optimizer = make_optimizer(model, protocol.optim)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = copy.deepcopy(model).requires_grad_(False) if protocol.ema_decay else None
+    ema_params = list(ema.parameters()) if ema is not None else []
+    params_list = list(model.parameters())
 
     n = len(data)
-    steps = math.ceil(n / batch_size)
+    steps = num_steps(n, batch_size)
     epochs = protocol.epochs
     spec = protocol.augment
     refresh = protocol.labels.refresh_every
-    h, w = data.images.shape[-2:]
+    out_hw = (info.size, info.size) if _streamed(data) else batches.in_hw
+    labels_dev = data.labels.to(device)
     history: list[dict] = []
+    clock = PhaseClock(device)
     t_train = t_eval = 0.0
     seen = 0
+    views: Views | None = None
 
-    def run_eval(epoch: int) -> dict:
+    def run_eval() -> dict:
         nonlocal t_eval
         t0 = time.perf_counter()
         target = ema if ema is not None else model
+        tta = protocol.eval.test_transform == "flip_tta"
         row = {}
         if test is not None:
-            row["test_top1"] = evaluate(target, test, info, runtime, protocol.eval.batch_size,
-                                        protocol.eval.test_transform == "flip_tta")
+            row["test_top1"] = evaluate(target, test, info, runtime, protocol.eval.batch_size, tta)
         if heldout is not None:
-            row["heldout_top1"] = evaluate(target, heldout, info, runtime, protocol.eval.batch_size,
-                                           protocol.eval.test_transform == "flip_tta")
+            row["heldout_top1"] = evaluate(target, heldout, info, runtime, protocol.eval.batch_size, tta)
         t_eval += time.perf_counter() - t0
         return row
 
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        # Views are re-drawn every `refresh` epochs and replayed in between: the
-        # epoch's generator is seeded by its block, so replays are exact.
+        # Views are re-drawn every `refresh` epochs and replayed in between.
         block = epoch // refresh
-        gen = generator(seed, "loop", block)
-        order = torch.randperm(n, generator=gen)
+        if views is None or epoch % refresh == 0:
+            views = labeler.views(block) if hasattr(labeler, "views") else \
+                draw_views(spec, n, batch_size, batches.in_hw, out_hw, seed, block)
+            if views.order.numel() != n or len(views.params) != steps:
+                raise ValueError(f"the labeler's views hold {views.order.numel()} samples in {len(views.params)} "
+                                 f"steps; this run has {n} samples in {steps} steps of {batch_size}")
         temperature = protocol.loss.temperature_at(epoch / max(epochs - 1, 1))
-        loss_sum = torch.zeros((), device=device)
-        for step in range(steps):
+        sums = torch.zeros(2, device=device)  # loss, correct (argmax vs the unmixed label)
+        t_wait = time.perf_counter()
+        for step, (idx, raw) in enumerate(batches.epoch(views.order, batch_size)):
+            clock.totals["load"] += time.perf_counter() - t_wait
+            clock.start()
             factor = protocol.schedule.factor(epoch + step / steps, epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = as_float(data.images[idx.to(device)])
-            params = aug.draw(spec, x.shape[0], h, w, gen)
-            x = info.normalize(aug.apply(x, params, spec))
-            if runtime.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = data.labels[idx.to(device)]
+            params = views.params[step]
+            x = make_batch(raw, params, spec, info, runtime)
+            y = labels_dev[idx]
             y_b = y[params.mix_perm.to(device)] if params.mixed() else None
+            clock.mark("augment")
             with torch.autocast("cuda", torch.bfloat16, enabled=runtime.amp):
                 targets = labeler(x, idx, params, block, step)
+                clock.mark("labels")
                 logits = model(x).float()
             loss = distill_loss(logits, targets, y, y_b, params.mix_lam, protocol.loss, temperature)
             optimizer.zero_grad(set_to_none=True)
@@ -168,37 +292,52 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
             optimizer.step()
             if ema is not None:
                 with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(p, 1.0 - protocol.ema_decay)
+                    torch._foreach_lerp_(ema_params, params_list, 1.0 - protocol.ema_decay)
                     for be, b in zip(ema.buffers(), model.buffers()):
                         be.copy_(b)
-            loss_sum += loss.detach()
+            sums += torch.stack([loss.detach(), (logits.detach().argmax(1) == y).sum().float()])
+            clock.mark("student")
             seen += x.shape[0]
-        mean_loss = (loss_sum / steps).item()  # the one host sync per epoch
+            t_wait = time.perf_counter()
+        loss_total, correct = sums.tolist()  # the one host sync per epoch
+        mean_loss = loss_total / steps
+        clock.flush()
         t_train += time.perf_counter() - t0
         if not math.isfinite(mean_loss):
+            batches.close()
             raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}")
-        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-               "time_s": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, "loss": mean_loss, "train_top1": correct / n,
+               "lr": optimizer.param_groups[0]["lr"], "temperature": temperature, "time_s": time.perf_counter() - t0}
         last = epoch + 1 == epochs
         if last or (protocol.eval.interval and (epoch + 1) % protocol.eval.interval == 0):
-            row.update(run_eval(epoch + 1))
+            row.update(run_eval())
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+    batches.close()
+    return TrainResult(ema if ema is not None else model, _metrics(history, protocol, heldout is not None),
+                       history, _timing(clock, t_train, t_eval, seen, runtime))
 
+
+def _metrics(history: list[dict], protocol: Protocol, has_heldout: bool) -> dict[str, float]:
     final = history[-1]
     metrics: dict[str, float] = {}
     if "test_top1" in final:
         metrics["top1"] = final["test_top1"]
     evaluated = [r for r in history if "test_top1" in r]
-    if protocol.eval.record_best_on_test and evaluated:
-        metrics["top1_best_on_test"] = max(r["test_top1"] for r in evaluated)
-    if heldout is not None and evaluated:
+    counted = [r for r in evaluated if r["epoch"] > protocol.eval.best_after_fraction * protocol.epochs]
+    if protocol.eval.record_best_on_test and counted:
+        metrics["top1_best_on_test"] = max(r["test_top1"] for r in counted)
+    if has_heldout and evaluated:
         best = max(evaluated, key=lambda r: (r["heldout_top1"], r["epoch"]))
         metrics["top1_heldout_selected"] = best["test_top1"]
         metrics["heldout_selected_epoch"] = float(best["epoch"])
     metrics["final_loss"] = final["loss"]
+    return metrics
+
+
+def _timing(clock: PhaseClock, t_train: float, t_eval: float, seen: int, runtime: Runtime) -> dict[str, float]:
     timing = {"train_s": t_train, "eval_s": t_eval, "images_per_s": seen / max(t_train, 1e-9),
               "peak_memory_bytes": float(_peak_memory_bytes(runtime))}
-    return TrainResult(ema if ema is not None else model, metrics, history, timing)
+    timing.update({f"phase_{k}_s": v for k, v in sorted(clock.totals.items())})
+    return timing

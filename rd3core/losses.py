@@ -48,6 +48,10 @@ def hard_ce(student: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor | None, 
 
 def soft_loss(student: torch.Tensor, teacher: torch.Tensor, spec: LossSpec, temperature: float) -> torch.Tensor:
     teacher = teacher.detach().float()
+    if teacher.is_inference():
+        # Teachers run under inference_mode; autograd may not save such a tensor
+        # (MSE keeps its target for backward), so take an ordinary copy.
+        teacher = teacher.clone()
     if spec.kind == "mse":
         return F.mse_loss(student, teacher)
     log_p_s = F.log_softmax(student / temperature, dim=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .loop import Runtime, TrainResult, train
 from .models import MODELS, create_model
 from .protocol import LabelSpec, OptimSpec, Protocol, ScheduleSpec, batch_size_for
 from .seeding import derive_seed, generator, seed_everything
+from .stored_labels import StoredLabeler, StoredLabels, precompute, signature
 from .synth import DistilledSet
 
 
@@ -76,9 +77,13 @@ def heldout_split(dataset: Dataset, per_class: int) -> tuple[Split, torch.Tensor
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
-                 runtime: Runtime):
+                 runtime: Runtime, stored: StoredLabels | None = None):
     if spec.mode == "hard":
         return HardLabels()
+    if spec.mode == "stored":
+        if stored is None:
+            raise ValueError("labels.mode 'stored' needs the stored labels (rd3core.stored_labels.precompute)")
+        return StoredLabeler(stored, runtime)
     ensemble = TeacherEnsemble([t.to(runtime.device) for t in teachers], spec.combine)
     if spec.mode == "static":
         clean = dataset.info.normalize(as_float(distilled.images.to(runtime.device)))
@@ -86,23 +91,73 @@ def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: Distille
     return EpochwiseLabels(ensemble, reuse_within_block=spec.refresh_every > 1)
 
 
-def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
-             seed: int, runtime: Runtime = Runtime(), ipc: int | None = None) -> dict[str, Any]:
-    """Train a fresh student on ``distilled`` under ``protocol``; returns the
-    metrics (``top1`` = final-epoch test accuracy), per-epoch history and timing.
-
-    ``teachers`` maps architecture name to a trained model; the protocol's
-    ``labels.teachers`` picks from it (empty: the first one given).
-    """
-    t0 = time.perf_counter()
-    names = [] if protocol.labels.mode == "hard" else list(protocol.labels.teachers) or list(teachers)[:1]
+def label_teachers(protocol: Protocol, teachers: Mapping[str, nn.Module]) -> list[str]:
+    """The teacher names that label under ``protocol`` (empty labels.teachers:
+    the first teacher given)."""
+    if protocol.labels.mode == "hard":
+        return []
+    names = list(protocol.labels.teachers) or list(teachers)[:1]
     missing = [n for n in names if n not in teachers]
-    if missing or (protocol.labels.mode != "hard" and not names):
+    if missing or not names:
         raise ValueError(f"protocol labels need teachers {missing or ['<any>']}, given {list(teachers)}")
-    labeler = make_labeler(protocol.labels, [teachers[n] for n in names], distilled, dataset, runtime)
+    return names
+
+
+def resolve_batch_size(protocol: Protocol, distilled: DistilledSet, dataset: Dataset, ipc: int | None = None) -> int:
     num_classes = dataset.info.num_classes
     ipc = ipc or max(1, len(distilled.labels) // num_classes)
-    batch_size = batch_size_for(protocol, ipc, num_classes)
+    return batch_size_for(protocol, ipc, num_classes, dataset.info.family)
+
+
+def make_stored_labels(distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
+                       teachers: Mapping[str, nn.Module], seed: int, runtime: Runtime = Runtime(),
+                       ipc: int | None = None) -> StoredLabels:
+    """The `labels` stage: precompute what ``posteval`` under ``protocol`` with
+    the same seed will replay (labels.mode 'stored')."""
+    names = label_teachers(protocol, teachers)
+    return precompute(distilled.images, distilled.labels, dataset.info, protocol, {n: teachers[n] for n in names},
+                      batch_size=resolve_batch_size(protocol, distilled, dataset, ipc), seed=seed, runtime=runtime)
+
+
+def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
+                 teachers: Mapping[str, nn.Module], batch_size: int, seed: int) -> None:
+    """Raise StoredLabelsMismatch unless ``stored`` was made for exactly this
+    post-evaluation. Teacher weights are compared for the teachers given."""
+    names = list(protocol.labels.teachers) or (list(teachers)[:1] if teachers else list(stored.signature["teachers"]))
+    expected = signature(protocol, distilled.images, distilled.labels, dataset.info,
+                         {n: teachers[n] for n in names if n in teachers}, batch_size=batch_size, seed=seed)
+    expected["teachers"] = {n: expected["teachers"].get(n) for n in names}
+    stored.check(expected)
+
+
+def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
+             seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
+             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train a fresh student on ``distilled`` under ``protocol``; returns the
+    metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
+    (by phase) and, for stored labels, their size (``labels``).
+
+    ``teachers`` maps architecture name to a trained model; the protocol's
+    ``labels.teachers`` picks from it (empty: the first one given). With
+    labels.mode 'stored', ``stored`` comes from the labels stage
+    (:func:`make_stored_labels`); it is checked against this run and refused
+    on any difference. When it is None the labels are precomputed here.
+    """
+    t0 = time.perf_counter()
+    batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
+    labels_info: dict[str, Any] = {}
+    t_labels = time.perf_counter()
+    if protocol.labels.mode == "stored":
+        if stored is None:
+            stored = make_stored_labels(distilled, dataset, protocol, teachers, seed, runtime, ipc)
+        check_stored(stored, distilled, dataset, protocol, teachers, batch_size, seed)
+        labels_info = dict(stored.meta)
+        names = list(stored.signature["teachers"])
+        labeler = make_labeler(protocol.labels, [], distilled, dataset, runtime, stored)
+    else:
+        names = label_teachers(protocol, teachers)
+        labeler = make_labeler(protocol.labels, [teachers[n] for n in names], distilled, dataset, runtime)
+    t_labels = time.perf_counter() - t_labels  # static labels or a stored-label precompute done here
     heldout = None
     extra: dict[str, float] = {}
     if protocol.eval.heldout_per_class:
@@ -113,8 +168,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
-                   heldout=heldout.to(runtime.device) if heldout is not None else None)
+                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch)
     metrics = {**result.metrics, **extra}
-    timing = {"setup_s": setup_s, **result.timing}
-    return {"metrics": metrics, "epochs": result.epochs, "timing": timing,
+    timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
+    return {"metrics": metrics, "epochs": result.epochs, "timing": timing, "labels": labels_info,
             "resolved": {"batch_size": batch_size, "teachers": names}}

@@ -25,10 +25,13 @@ from .registry import Registry
 class LabelSpec:
     # hard: dataset labels only. static: one teacher output per (clean) image,
     # mixed like the images. epochwise: the teacher relabels exactly the augmented
-    # and mixed batch the student sees.
-    mode: Literal["hard", "static", "epochwise"] = "epochwise"
-    # epochwise only: views and their labels are drawn afresh every k epochs and
-    # replayed in between (1 = every step's batch is new; storage shrinks k-fold).
+    # and mixed batch the student sees. stored: FKD-style, the same targets
+    # precomputed by the `labels` stage (sample order, augmentation parameters
+    # and teacher logits per epoch and step) and replayed (rd3core.stored_labels).
+    mode: Literal["hard", "static", "epochwise", "stored"] = "epochwise"
+    # epochwise/stored: views and their labels are drawn afresh every k epochs and
+    # replayed in between (1 = every step's batch is new; storage shrinks k-fold,
+    # which is how LPLD's pruned label pool is modelled).
     refresh_every: int = 1
     # Teacher architectures that label (declared in the study's teachers); empty
     # means the study's primary teacher.
@@ -36,14 +39,23 @@ class LabelSpec:
     # How several teachers combine: mean of logits, or G-VBSM's mean after
     # scaling each teacher's logits to the same L2 norm.
     combine: Literal["mean", "norm_mean"] = "mean"
+    # stored only: keep the k largest logits per view (None: all). The rest of
+    # the probability mass is spread evenly over the other classes at the loss
+    # temperature (FKD/RDED's "marginal smoothing").
+    topk: int | None = None
+    precision: Literal["fp16", "fp32"] = "fp16"  # stored only: dtype of the stored logits (SRe2L: fp16)
 
     def validate(self):
         if self.refresh_every < 1:
             yield "refresh_every", f"expected >= 1, got {self.refresh_every}"
-        if self.mode != "epochwise" and self.refresh_every != 1:
-            yield "refresh_every", f"only applies to mode 'epochwise' (mode is {self.mode!r})"
+        if self.mode not in ("epochwise", "stored") and self.refresh_every != 1:
+            yield "refresh_every", f"only applies to modes 'epochwise' and 'stored' (mode is {self.mode!r})"
         if len(set(self.teachers)) != len(self.teachers):
             yield "teachers", f"names a teacher twice: {list(self.teachers)}"
+        if self.topk is not None and self.topk < 1:
+            yield "topk", f"expected >= 1 or null, got {self.topk}"
+        if self.mode != "stored" and (self.topk is not None or self.precision != "fp16"):
+            yield "mode", f"topk and precision only apply to mode 'stored' (mode is {self.mode!r})"
 
 
 @dataclass(frozen=True)
@@ -104,10 +116,17 @@ class EvalSpec:
     # Also record the best test accuracy over evaluated epochs, under a name
     # that says it was selected on the test set (some papers report this).
     record_best_on_test: bool = False
+    # Evaluations before this fraction of the epochs do not count for
+    # top1_best_on_test (RDED: best after 80% of the epochs).
+    best_after_fraction: float = 0.0
+    # identity: the dataset's test transform; flip_tta: also the mirrored image,
+    # logits summed.
     test_transform: Literal["identity", "flip_tta"] = "identity"
     batch_size: int = 500
 
     def validate(self):
+        if not 0 <= self.best_after_fraction < 1:
+            yield "best_after_fraction", f"expected in [0, 1), got {self.best_after_fraction}"
         if self.interval < 0:
             yield "interval", f"expected >= 0, got {self.interval}"
         if self.heldout_per_class < 0:
@@ -145,15 +164,20 @@ class Protocol:
             yield "ema_decay", f"expected in (0, 1), got {self.ema_decay}"
 
 
-def batch_size_for(protocol: Protocol, ipc: int, num_classes: int) -> int:
-    """Resolve ``batch_size``; RDED's rule: IPC1 -> 10, IPC10 -> 50, IPC50 -> 100
-    (nearest rung below), doubled for >= 100 classes, capped at the set size."""
+def batch_size_for(protocol: Protocol, ipc: int, num_classes: int, family: str | None = None) -> int:
+    """Resolve ``batch_size``. RDED's rule (argument.py): IPC1 -> 10, IPC10 -> 50,
+    IPC50 -> 100, doubled for 100 and 1000 classes, Tiny-ImageNet always 100,
+    capped at IPC * classes. RDED sets nothing for other IPCs; here they take
+    the nearest rung below (our assumption)."""
     if protocol.batch_size != "rded":
         return int(protocol.batch_size)
-    size = 10 if ipc < 10 else 50 if ipc < 50 else 100
-    if num_classes >= 100:
-        size *= 2
-    return min(size, ipc * num_classes)
+    if family == "tiny":
+        size = 100
+    else:
+        size = 10 if ipc < 10 else 50 if ipc < 50 else 100
+        if num_classes >= 100:
+            size *= 2
+    return max(1, min(size, ipc * num_classes))
 
 
 # --------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.T
         blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(c, 1, 3, 3), groups=c)
         return _blend(x, blurred, factor)
     if name == "posterize":
-        bits = 8 - int(4 * mag)
+        bits = 8 - round(4 * mag)  # torchvision: 8 - round(4 * bin / 30)
         levels = 2 ** bits
         return torch.floor(x * 255 / (256 // levels)) * (256 // levels) / 255
     if name == "solarize":
@@ -80,12 +80,13 @@ def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.T
 
 
 def apply_randaugment(x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: int) -> torch.Tensor:
-    ops, signs = ops.to(x.device), signs.to(x.device, x.dtype)
+    # ops stay on the CPU: grouping samples by op there needs no device sync.
+    ops, signs = ops.cpu().long(), signs.to(x.device, x.dtype)
     mag = magnitude / 30.0
     for j in range(ops.shape[1]):
         out = x.clone()
         for op_id in torch.unique(ops[:, j]).tolist():
-            mask = ops[:, j] == op_id
-            out[mask] = _op(OPS[op_id], x[mask], signs[mask, j], mag)
+            rows = torch.nonzero(ops[:, j] == op_id).flatten().to(x.device)
+            out.index_copy_(0, rows, _op(OPS[op_id], x.index_select(0, rows), signs.index_select(0, rows)[:, j], mag))
         x = out
     return x

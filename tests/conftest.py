@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# ../shared/data from the project root; one level further up from a worktree (wt/<name>).
+SHARED_CIFAR = next((p for p in (ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
+                                 ROOT.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz") if p.exists()),
+                    ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 
 TINY_STUDY = """\
 name: {name}

@@ -188,8 +188,9 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
                     view = aug.apply(x, drawn, spec)
                     if b == 0:
                         trace["min_scale"].append(spec.scale[0] if setting.crop else 1.0)
-                        theta = drawn.theta
-                        trace["crop_area"].append(float((theta[:, 0, 0] * theta[:, 1, 1]).abs().mean()))
+                        area = 1.0 if drawn.crop is None else float(
+                            (drawn.crop[:, 2].float() * drawn.crop[:, 3].float()).mean() / (info.size * info.size))
+                        trace["crop_area"].append(area)
                 if setting.jitter:
                     dx, dy = (int(v) for v in torch.randint(0, setting.jitter + 1, (2,), generator=gen))
                     view = torch.roll(view, shifts=(dx, dy), dims=(2, 3))
