@@ -160,6 +160,14 @@ def heartbeat(session: Tx, attempt_id: int, at: datetime | None = None) -> None:
     _conn(session).execute(_HEARTBEAT, {"aid": attempt_id, "at": at or utcnow()})
 
 
+def heartbeats(session: Tx, attempt_ids: Iterable[int], at: datetime | None = None) -> None:
+    """``heartbeat`` for many attempts in one statement (the driver's periodic beat)."""
+    at = at or utcnow()
+    rows = [{"aid": a, "at": at} for a in attempt_ids]
+    if rows:
+        _conn(session).execute(_HEARTBEAT, rows)
+
+
 def finish_attempt(session: Tx, attempt_id: int, status: AttemptStatus, *, error_type: str | None = None,
                    error_message: str | None = None, traceback: str | None = None, host: str | None = None,
                    device: str | None = None, started_at: datetime | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join a running Ray cluster (default: RAY_ADDRESS or an embedded instance)")
     run.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray instance (default: all usable)")
     run.add_argument("--num-gpus", type=int, help="GPUs for the embedded Ray instance (default: all visible)")
+    run.add_argument("--max-retries", type=int, default=2, metavar="N",
+                     help="run a job up to N more times after a transient failure: its worker or node died, memory "
+                          "ran short (default 2; deterministic errors are never retried)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also run cells whose last attempt failed deterministically (a plain rerun skips them)")
+    run.add_argument("--heartbeat-s", type=float, default=5.0, metavar="S",
+                     help="Ray jobs beat every S seconds; one silent for 12 beats, or whose node left the cluster, "
+                          "is cancelled and retried (default 5)")
     run.add_argument("--dry-run", action="store_true",
                      help="print per stage how many runs are needed and cached, the cells, and a cost estimate "
                           "from past runs; run and write nothing")
@@ -105,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -127,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .driver import RunOptions, run_study
 
+            if args.max_retries < 0 or not args.heartbeat_s > 0:
+                print("error: --max-retries must be >= 0 and --heartbeat-s > 0", file=sys.stderr)
+                return 2
             options = RunOptions(out=args.out, db=args.db, executor=args.executor, address=args.address,
-                                 num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                                 num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_retries=args.max_retries,
+                                 retry_failed=args.retry_failed, heartbeat_s=args.heartbeat_s,
+                                 command="python -m orchestrator " + shlex.join(argv))
             if args.dry_run:
                 from .cache import dry_run
 
@@ -164,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(exc.orig or exc).strip().splitlines()[0]
         print(f"error: results database: {detail}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("\ninterrupted: results committed so far are kept; rerun the same command to resume",
               file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_status", 130)
     return 0

@@ -1,24 +1,32 @@
 """`run`: validate, expand, plan, execute, record, summarise.
 
 The driver is the only process that writes the database. A rerun skips every
-cell that already has a result and every stage whose artifact is in the store,
-so a finished study reruns in seconds and a crashed one resumes where it stopped.
+cell that already has a result, every cell whose last attempt failed
+deterministically (unless ``--retry-failed``), and every stage whose artifact is
+in the store, so a finished study reruns in seconds and a crashed or stopped one
+resumes where it stopped. Failures and their classification: orchestrator.failures
+and docs/EXECUTION.md.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from db import records
 from db.models import CellStatus
-from db.queries import cell_status, results_frame
+from db.queries import attempts_frame, cell_status, results_frame
 from db.schema import upgrade
 from db.session import make_engine, results_url, session_scope
 from rd3core.artifacts import ArtifactStore
 
+from . import failures
 from .analysis import commands, summary
 from .analysis.design import load_design
 from .expand import Cell, expand
@@ -26,7 +34,6 @@ from .plan import assign_resources, build_plan
 from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
 from .spec import Study, load_study
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -36,6 +43,53 @@ class RunOptions:
     address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
+    max_retries: int = 2  # reruns of a job after a transient failure, in this run
+    retry_failed: bool = False  # also rerun cells whose last attempt failed deterministically
+    heartbeat_s: float = 5.0  # job heartbeat period (Ray); a job silent for 12 periods is lost
+    command: str | None = None  # the command line that started this run (for the messages)
+
+
+class Stopped(KeyboardInterrupt):
+    """The driver was asked to stop (SIGINT: Ctrl-C, SIGTERM: a scheduler)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # 130 for Ctrl-C, as shells report it
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM stops the run like Ctrl-C (a cluster scheduler's way to say stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def deferred_interrupts():
+    """While the stopping run records its in-flight attempts, a second Ctrl-C
+    waits for that short write instead of leaving them "running"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def db_url(options: RunOptions) -> str:
@@ -47,7 +101,22 @@ def cell_label(cell: Cell) -> str:
     return f"{cell.key[:10]} " + " ".join(parts + [f"seed={cell.seed}"])
 
 
+def command_of(path: str | Path, options: RunOptions) -> str:
+    if options.command:
+        return options.command
+    text = f"python -m orchestrator run {path} --out {options.out}"
+    return text + (f" --executor {options.executor}" if options.executor != "ray" else "")
+
+
+def failed_before(engine, study: Study) -> dict[str, tuple[str | None, str | None]]:
+    """cell key -> (error type, message) of its last attempt, for failed cells."""
+    frame = attempts_frame(engine, study.name)
+    frame = frame[frame.status == CellStatus.failed.value]
+    return {r.cell_key: (r.error_type, r.error_message) for r in frame.itertuples(index=False)}
+
+
 def run_study(path: str | Path, options: RunOptions) -> int:
+    t_start = time.perf_counter()
     study = load_study(path)
     cells = expand(study)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -61,67 +130,150 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                                            "config": c.config} for c in cells])
         stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
     status = cell_status(engine, study.name)
-    todo = [c for c in cells if status.get(c.key) != CellStatus.done.value]
+    earlier = failed_before(engine, study)
+    skipped = {} if options.retry_failed else {
+        k: e for k, e in earlier.items() if status.get(k) == CellStatus.failed.value
+        and not failures.rerun_by_default(*e)}
+    todo = [c for c in cells if status.get(c.key) != CellStatus.done.value and c.key not in skipped]
     by_key = {c.key: c for c in cells}
-    print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    command = command_of(path, options)
+    print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo) - len(skipped)} already done, "
+          + (f"{len(skipped)} failed before and skipped (--retry-failed runs them), " if skipped else "")
+          + f"{len(todo)} to run")
     if stale:
         print(f"  {stale} attempt(s) left running by a stopped driver recorded as failed")
-    failures: list[tuple[Cell, Outcome]] = []
+    failed: dict[str, tuple[Cell, Outcome]] = {}
     if todo:
-        plan = assign_resources(build_plan(todo, store), study.spec.resources)
-        for stage, (need, cached) in plan.counts().items():
-            print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
-        progress = Progress(len(todo), stages={s: need for s, (need, _) in plan.counts().items()})
-        recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
-        built: Counter[str] = Counter()
-
-        def on_outcome(outcome: Outcome) -> None:
-            node = outcome.node
-            for entry in (outcome.result or {}).get("built", []):
-                built[entry["stage"]] += 1
-                if entry["key"] != node.key:  # an upstream artifact was missing or corrupt
-                    print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
-                          flush=True)
-            if node.stage != "posteval":
-                if outcome.error is None:
-                    recorder.stage_done(node)
-                    if not any(e["key"] == node.key for e in outcome.result.get("built", [])):
-                        # published meanwhile by another run sharing the store
-                        print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
-                progress.stage(node.stage, node.key, (outcome.result or {}).get("wall_s"), outcome.error)
-                return
-            cell = by_key[node.key]
-            if outcome.error is None:
-                recorder.cell_done(outcome, result_metrics(outcome.result))
-                progress.cell(cell_label(cell), True, f"top1={100 * outcome.result['metrics']['top1']:.2f}%")
-            else:
-                recorder.cell_failed(outcome)
-                failures.append((cell, outcome))
-                progress.cell(cell_label(cell), False, outcome.error)
-
-        limits = study.spec.resources
-        executor = (LocalExecutor(str(store.root)) if options.executor == "local" else
-                    RayExecutor(str(store.root), options.address, options.num_cpus or limits.max_cpus,
-                                options.num_gpus if options.num_gpus is not None else limits.max_gpus))
         try:
-            execute(plan, Announcing(executor, recorder.submitted), study.spec.resources, on_outcome)
-        finally:
-            progress.close()
-            executor.close()
-            recorder.close("the driver stopped before this attempt finished")
-        # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
-        print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
-    if not failures:
+            with stop_on_signals():
+                run_cells(study, todo, ids, by_key, engine, store, options, failed, t_start)
+        except Stopped as exc:
+            print(f"\nstopped ({exc}): results committed so far are kept; the jobs in flight were cancelled and "
+                  f"recorded as interrupted.\nresume with: {command}", file=sys.stderr)
+            return exc.exit_status
+    if not failed and not skipped:
         with session_scope(engine) as s:
             records.finish_study(s, study_id)
     summarise(engine, study, options.out)
-    if failures:
-        print(f"\n{len(failures)} cell(s) failed:", file=sys.stderr)
-        for cell, outcome in failures:
-            print(f"  {cell_label(cell)}: {outcome.error}", file=sys.stderr)
-        print(f"rerun to retry them: python -m orchestrator run {path}", file=sys.stderr)
+    if failed or skipped:
+        report_failures(study, [(c, o.failure, o.tries) for c, o in failed.values()],
+                        [(by_key[k], failures.Failure(t or "Error", m or "")) for k, (t, m) in skipped.items()],
+                        command, options)
         return 1
     return 0
+
+
+def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[str, Cell], engine,
+              store: ArtifactStore, options: RunOptions, failed: dict, t_start: float) -> None:
+    """Plan and execute ``todo``, committing each outcome as it arrives; cells
+    that failed for good land in ``failed``. Ctrl-C / SIGTERM (Stopped) leave
+    it after recording the attempts in flight as interrupted."""
+    plan = assign_resources(build_plan(todo, store), study.spec.resources)
+    for stage, (need, cached) in plan.counts().items():
+        print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
+    progress = Progress(len(todo), stages={s: need for s, (need, _) in plan.counts().items()})
+    recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
+    built: Counter[str] = Counter()
+    jobs: list[dict] = []
+
+    def on_outcome(outcome: Outcome) -> None:
+        node = outcome.node
+        if outcome.wall_s is not None:
+            jobs.append({"stage": node.stage, "key": node.key, "ok": outcome.failure is None,
+                         "wall_s": outcome.wall_s, **outcome.job})
+        for entry in (outcome.result or {}).get("built", []):
+            built[entry["stage"]] += 1
+            if entry["key"] != node.key:  # an upstream artifact was missing or corrupt
+                print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
+                      flush=True)
+        if outcome.retrying:
+            progress.note(f"    {node.stage} {node.key[:10]} failed ({outcome.failure.type}: "
+                          f"{_first_line(outcome.failure.message)}); transient: retrying "
+                          f"(run {outcome.tries + 1} of at most {options.max_retries + 1})")
+        if node.stage != "posteval":
+            if outcome.failure is None:
+                recorder.stage_done(node)
+                if not any(e["key"] == node.key for e in outcome.result.get("built", [])):
+                    # published meanwhile by another run sharing the store
+                    print(f"    {node.stage} {node.key[:10]} found in the store", flush=True)
+            if not outcome.retrying:
+                progress.stage(node.stage, node.key, outcome.wall_s, outcome.error)
+            return
+        cell = by_key[node.key]
+        if outcome.failure is None:
+            recorder.cell_done(outcome, result_metrics(outcome.result))
+            progress.cell(cell_label(cell), True, f"top1={100 * outcome.result['metrics']['top1']:.2f}%")
+        else:
+            recorder.cell_failed(outcome)
+            if not outcome.retrying:
+                failed[node.key] = (cell, outcome)
+                progress.cell(cell_label(cell), False, _first_line(outcome.error))
+
+    limits = study.spec.resources
+    t_executor = time.perf_counter()
+    executor = None
+    try:
+        executor = (LocalExecutor(str(store.root)) if options.executor == "local" else
+                    RayExecutor(str(store.root), options.address, options.num_cpus or limits.max_cpus,
+                                options.num_gpus if options.num_gpus is not None else limits.max_gpus,
+                                heartbeat_s=options.heartbeat_s))
+        executor.on_tick = recorder.heartbeat
+        slots = executor.slots()
+        t_ready = time.perf_counter()
+        execute(plan, Announcing(executor, recorder.submitted), limits, on_outcome, options.max_retries)
+        t_end = time.perf_counter()
+    except KeyboardInterrupt as exc:
+        with deferred_interrupts():
+            progress.close()
+            recorder.close("the run was stopped (Ctrl-C or SIGTERM) while this attempt ran")
+        raise exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT) from None
+    finally:
+        progress.close()
+        if executor is not None:
+            executor.close()
+        recorder.close("the driver stopped before this attempt finished")
+    # What actually ran, counted from the jobs' own reports (benchmarks parse this line).
+    print(f"stages built: {json.dumps(dict(sorted(built.items())))}", flush=True)
+    # Where the run's time went (bench/orchestrator_overhead.py reads it).
+    log = {"executor": options.executor, "slots": slots, "started": time.time() - (time.perf_counter() - t_start),
+           "wall_s": t_end - t_start,
+           "startup_s": t_executor - t_start, "executor_start_s": t_ready - t_executor,
+           "execute_s": t_end - t_ready, "jobs": jobs}
+    folder = options.out / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "last_run.json").write_text(json.dumps(log, indent=1))
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def report_failures(study: Study, failed: list, skipped: list, command: str, options: RunOptions,
+                    stream=None, limit: int = 20) -> None:
+    """The end of a run with failed cells: each cell and its error, then the
+    exact commands that run them again."""
+    stream = stream or sys.stderr
+    rows = [(cell, failure, f"{tries} run(s)" if failure.transient else failure.kind) for cell, failure, tries
+            in failed] + [(cell, failure, "failed before, skipped") for cell, failure in skipped]
+    print(f"\n{len(rows)} cell(s) failed:", file=stream)
+    for cell, failure, note in rows[:limit]:
+        print(f"  {cell_label(cell)}: {failure.type}: {_first_line(failure.message)} [{note}]", file=stream)
+    if len(rows) > limit:
+        print(f"  ... and {len(rows) - limit} more", file=stream)
+    kinds = Counter(failure.kind for _, failure, _ in rows)
+    by_type = Counter(failure.type for _, failure, _ in rows)
+    print("by error: " + ", ".join(f"{t} {n}" for t, n in by_type.most_common()), file=stream)
+    where = f" --db {options.db}" if options.db and "@" not in options.db else ""
+    print(f"tracebacks and attempts: python -m orchestrator status {study.name} --out {options.out}{where}",
+          file=stream)
+    if kinds["transient"] or kinds["stopped"]:
+        print(f"{kinds['transient'] + kinds['stopped']} failed for a transient reason (a worker or node died, "
+              f"memory was short): a plain rerun retries them:\n  {command}", file=stream)
+    if kinds["deterministic"]:
+        retry = command if "--retry-failed" in command.split() else f"{command} --retry-failed"
+        print(f"{kinds['deterministic']} failed deterministically (an error in the job or the study's settings): "
+              f"a rerun skips them; after fixing the cause, run them again with:\n  {retry}", file=stream)
 
 
 def result_metrics(result: dict) -> dict[str, float]:

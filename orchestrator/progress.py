@@ -76,6 +76,11 @@ class Progress:
             elif self.live:
                 self._draw()
 
+    def note(self, line: str) -> None:
+        """A line that is not a finished cell (a job being retried), shown in both modes."""
+        with self._lock:
+            self._emit(line)
+
     def close(self) -> None:
         """Stop redrawing; leave the last status line on screen."""
         self._stop.set()

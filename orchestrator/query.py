@@ -115,7 +115,8 @@ def show_status(args, stream=None) -> int:
             continue
         print(f"{status}:", file=stream)
         for r in rows.itertuples(index=False):
-            where = f" on {r.host}" + (f" ({r.device})" if r.device else "") if r.host else ""
+            host, device = (v if isinstance(v, str) else None for v in (r.host, r.device))  # None reads as NaN
+            where = f" on {host}" + (f" ({device})" if device else "") if host else ""
             since = f" since {r.started_at:%Y-%m-%d %H:%M:%S} UTC" if pd.notna(r.started_at) else ""
             error = f": {r.error_type}: {r.error_message}" if status == "failed" else ""
             print(f"  {r.cell_key[:10]} seed={r.seed} attempt {r.number}{where}{since}{error}", file=stream)

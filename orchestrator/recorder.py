@@ -18,6 +18,7 @@ from db import records
 from db.models import AttemptStatus
 from rd3core.artifacts import ArtifactStore
 
+from . import failures
 from .plan import Node, Plan
 from .runner import Outcome
 
@@ -53,18 +54,11 @@ def provenance_fields(checkout: dict[str, Any], result: dict[str, Any] | None, s
             "env": {**env, "runtime": (result or {}).get("runtime")}}
 
 
-def split_error(error: str) -> tuple[str, str]:
-    """Outcome.error ("Type: message") as (type, message)."""
-    if error.startswith("upstream "):
-        return "UpstreamFailed", error
-    head, sep, rest = error.partition(": ")
-    return (head, rest) if sep and head.isidentifier() else ("Error", error)
-
-
 class Recorder:
     """The driver's writes for one run, keyed by plan node: ``submitted`` when a
-    job is handed to the executor, ``stage_done`` / ``cell_done`` /
-    ``cell_failed`` as outcomes arrive, ``close`` when the run ends."""
+    job is handed to the executor, ``heartbeat`` while jobs run, ``stage_done``
+    / ``cell_done`` / ``cell_failed`` as outcomes arrive (a retried job's
+    failure too: its next run is a new attempt), ``close`` when the run ends."""
 
     def __init__(self, engine: Engine, store: ArtifactStore, plan: Plan, cell_ids: dict[str, int],
                  seeds: dict[str, int]):
@@ -78,14 +72,21 @@ class Recorder:
             with self.engine.begin() as s:
                 self.attempts[node.key] = records.start_attempt(s, self.cell_ids[node.key])
 
+    def heartbeat(self, nodes: list[Node]) -> None:
+        """Their jobs are alive: one transaction for all their attempts."""
+        alive = [self.attempts[n.key] for n in nodes if n.stage == "posteval" and n.key in self.attempts]
+        if alive:
+            with self.engine.begin() as s:
+                records.heartbeats(s, alive)
+
     def stage_done(self, node: Node) -> None:
         with self.engine.begin() as s:
             self._artifact(s, node)
 
     def cell_done(self, outcome: Outcome, metrics: dict[str, float]) -> None:
         key, result = outcome.node.key, outcome.result
+        attempt = self.attempts[key]
         with self.engine.begin() as s:  # one transaction per result, committed as it arrives
-            attempt = self.attempts.pop(key)
             records.record_result(s, self.cell_ids[key], metrics, result["epochs"], attempt_id=attempt)
             records.finish_attempt(s, attempt, AttemptStatus.done, host=result["env"].get("host"),
                                    device=result.get("runtime", {}).get("device"),
@@ -93,28 +94,30 @@ class Recorder:
             records.record_provenance(s, attempt, **provenance_fields(self.checkout, result, self.seeds[key]))
             used = [self._artifact(s, self.plan.nodes[dep]) for dep in outcome.node.deps]
             records.use_artifacts(s, attempt, [a for a in used if a is not None])
+        del self.attempts[key]  # only once committed: an interrupted commit leaves it for close()
 
     def cell_failed(self, outcome: Outcome) -> None:
-        key = outcome.node.key
-        error_type, message = split_error(outcome.error)
+        key, failure = outcome.node.key, outcome.failure
         with self.engine.begin() as s:
-            attempt = self.attempts.pop(key, None)
+            attempt = self.attempts.get(key)
             if attempt is None:  # never handed over: a stage it needs failed
                 attempt = records.start_attempt(s, self.cell_ids[key])
-            records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=error_type, error_message=message,
-                                   traceback=outcome.traceback)
+            records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=failure.type[:200],
+                                   error_message=failure.message, traceback=failure.traceback, host=outcome.host)
             records.record_provenance(s, attempt, **provenance_fields(self.checkout, None, self.seeds[key]))
+        self.attempts.pop(key, None)
 
     def close(self, reason: str) -> None:
         """Attempts still in flight when the driver stops (interrupt, error) end
-        failed. Best effort: if the database itself is what failed, the next
-        run marks them (records.abandon_attempts) and the first error stands."""
+        failed as ``Interrupted`` (a plain rerun runs them again). Best effort:
+        if the database itself is what failed, the next run marks them
+        (records.abandon_attempts) and the first error stands."""
         if not self.attempts:
             return
         try:
             with self.engine.begin() as s:
                 for attempt in self.attempts.values():
-                    records.finish_attempt(s, attempt, AttemptStatus.failed, error_type="Interrupted",
+                    records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=failures.INTERRUPTED,
                                            error_message=reason)
         except SQLAlchemyError:
             pass

@@ -5,38 +5,73 @@ depends on has finished; each finished post-evaluation is committed to the DB at
 once (the driver is the only writer). Two executors share one interface: Ray
 tasks on a local or remote cluster, and an in-process one for debugging that
 gives identical numbers (same code, same seeds, same thread count).
+
+A failed job is retried when its failure is transient (orchestrator.failures),
+at most ``max_retries`` times; a job that failed for good fails every job
+downstream of it with ``UpstreamFailed``. Ray jobs beat to a heartbeat board
+(orchestrator.worker); one whose beats stop or whose node leaves the cluster is
+cancelled and reported as a transient ``WorkerLost`` failure.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 import tempfile
-import traceback
-from collections import deque
-from dataclasses import dataclass
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .jobs import run_node
+from . import failures
+from .failures import Failure
 from .plan import Node, Plan
 from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
 from .resources import Resources, ResourcesSpec
+from .worker import Heartbeats, run_job
+
+LOST_AFTER_BEATS = 12  # a job whose heartbeats stopped for this many periods is lost
 
 
 @dataclass
 class Outcome:
     node: Node
     result: dict[str, Any] | None = None
-    error: str | None = None  # "Type: message"
-    traceback: str | None = None
+    failure: Failure | None = None
+    wall_s: float | None = None  # time inside the job, on the worker
+    host: str | None = None  # where a failed job ran, when it could say
+    job: dict[str, Any] = field(default_factory=dict)  # when (epoch s) and where it ran: start, end, pid, host
+    retrying: bool = False  # set by execute: the node goes back to the executor
+    tries: int = 1  # set by execute: the how-manieth run of this node in this run
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+
+def outcome_of(node: Node, data: dict[str, Any]) -> Outcome:
+    """An Outcome from what worker.run_job returned."""
+    job = data.get("job", {})
+    if "failure" in data:
+        return Outcome(node, failure=Failure(**data["failure"]), wall_s=data.get("wall_s"), host=data.get("host"),
+                       job=job)
+    return Outcome(node, data, wall_s=data.get("wall_s"), job=job)
+
+
+def _job_args(node: Node, store_root: str, resources: Resources) -> tuple:
+    return node.stage, node.key, node.payload, store_root, resources.threads, resources.memory, resources.gpus
 
 
 class LocalExecutor:
-    """Runs each job in the driver process, one at a time, when asked for the next result."""
+    """Runs each job in the driver process, one at a time, when asked for the
+    next result. No heartbeats: a job that dies takes the driver with it."""
 
     name = "local"
 
     def __init__(self, store_root: str):
         self.store_root = store_root
         self.queue: deque[tuple[Node, Resources]] = deque()
+        self.on_tick: Callable[[list[Node]], None] | None = None
 
     def submit(self, node: Node, resources: Resources) -> None:
         self.queue.append((node, resources))
@@ -50,11 +85,12 @@ class LocalExecutor:
         node, resources = self.queue.popleft()
         threads = torch.get_num_threads()
         try:
-            return Outcome(node, run_node(node.stage, node.key, node.payload, self.store_root, resources.threads))
-        except Exception as exc:
-            return Outcome(node, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            return outcome_of(node, run_job(*_job_args(node, self.store_root, resources)))
         finally:
             torch.set_num_threads(threads)
+
+    def slots(self) -> dict[str, float]:
+        return {"CPU": 1.0}
 
     def close(self) -> None:
         self.queue.clear()
@@ -62,12 +98,17 @@ class LocalExecutor:
 
 class RayExecutor:
     """Ray tasks. Starts an embedded local instance (loopback, no dashboard, temp
-    files outside the repo) unless ``address`` names a running cluster."""
+    files outside the repo) unless ``address`` (else RAY_ADDRESS) names a
+    running cluster, which it joins and leaves running.
+
+    While waiting for results it checks every ``heartbeat_s`` seconds which
+    running jobs still beat, calls ``on_tick`` with their nodes (the driver
+    records the heartbeats), and turns lost jobs into failures."""
 
     name = "ray"
 
     def __init__(self, store_root: str, address: str | None = None, num_cpus: int | None = None,
-                 num_gpus: int | None = None):
+                 num_gpus: int | None = None, heartbeat_s: float = 5.0):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = address or os.environ.get("RAY_ADDRESS")
         if not address:
@@ -90,34 +131,119 @@ class RayExecutor:
                          detect_gpus(), include_dashboard=False,
                          _temp_dir=os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"),
                          logging_level="ERROR", log_to_driver=True)
-        self.remote = ray.remote(max_retries=0)(run_node)
-        self.pending: dict[Any, Node] = {}
+        self.remote = ray.remote(max_retries=0)(run_job)  # retries are the driver's: each is an attempt row
+        self.pending: dict[Any, tuple[Node, str]] = {}  # ref -> (node, heartbeat token)
+        self.ready: deque[Any] = deque()
+        self.lost: deque[Outcome] = deque()
+        self.forget: list[str] = []  # tokens the board may drop
+        self.heartbeat_s = heartbeat_s
+        self.on_tick: Callable[[list[Node]], None] | None = None
+        self.serial = itertools.count()
+        self.next_check = time.monotonic() + heartbeat_s
+        self.board = self._start_board()
+
+    def _start_board(self):
+        """The heartbeat actor, on the driver's node when it has one (a job's
+        beats then never depend on a third machine)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            here = self.ray.get_runtime_context().get_node_id()
+            strategy = NodeAffinitySchedulingStrategy(here, soft=True)
+            return self.ray.remote(num_cpus=0, max_restarts=0)(Heartbeats).options(
+                scheduling_strategy=strategy, name=f"rd3-heartbeats-{os.getpid()}-{id(self)}").remote()
+        except Exception as exc:  # noqa: BLE001 - Ray still reports dead workers; only frozen ones go unseen
+            print(f"warning: no heartbeat board ({type(exc).__name__}: {exc}); lost jobs are found only when Ray "
+                  "reports them", file=sys.stderr)
+            return None
 
     def submit(self, node: Node, resources: Resources) -> None:
-        options = {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
+        token = f"{node.id}#{next(self.serial)}"
+        # The task's name is its worker's process title while it runs: `ps` shows ray::rd3:posteval.
+        options = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "name": f"rd3:{node.stage}"}
         if resources.memory:
-            options["memory"] = resources.memory  # bytes; Ray schedules on it, a job over it may be killed
-        ref = self.remote.options(**options).remote(node.stage, node.key, node.payload, self.store_root,
-                                                    resources.threads)
-        self.pending[ref] = node
+            options["memory"] = resources.memory  # bytes: Ray schedules on it; worker.memory_limit enforces it
+        ref = self.remote.options(**options).remote(*_job_args(node, self.store_root, resources), self.board,
+                                                    token, self.heartbeat_s)
+        self.pending[ref] = (node, token)
 
     def inflight(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + len(self.lost)
 
     def next_outcome(self) -> Outcome:
-        ready, _ = self.ray.wait(list(self.pending), num_returns=1)
-        node = self.pending.pop(ready[0])
+        while not self.lost:
+            if time.monotonic() >= self.next_check:  # due even while results keep arriving
+                self.check()
+                continue
+            if self.ready:
+                return self._collect(self.ready.popleft())
+            refs = list(self.pending)
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=max(0.0, self.next_check - time.monotonic()))
+            if ready:
+                # Take every finished job in one call: one pass over the refs per batch, not per result.
+                more, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                self.ready.extend(dict.fromkeys([*ready, *more]))
+            else:
+                self.check()
+        return self.lost.popleft()
+
+    def _collect(self, ref) -> Outcome:
+        node, token = self.pending.pop(ref)
+        self.forget.append(token)
+        errors = self.ray.exceptions
         try:
-            return Outcome(node, self.ray.get(ready[0]))
-        except self.ray.exceptions.RayTaskError as exc:
+            return outcome_of(node, self.ray.get(ref))
+        except errors.RayTaskError as exc:  # raised outside the job's own code (e.g. its arguments)
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            return Outcome(node, error=f"{type(cause).__name__}: {cause}", traceback=str(exc))
-        except self.ray.exceptions.RayError as exc:  # worker died, node lost, ...
-            return Outcome(node, error=f"{type(exc).__name__}: {exc}", traceback=str(exc))
+            return Outcome(node, failure=failures.from_exception(cause, str(exc)))
+        except errors.RayError as exc:  # worker died, node lost, killed for memory, ...
+            return Outcome(node, failure=failures.from_exception(exc, str(exc)))
+
+    def check(self) -> None:
+        """Liveness: jobs that stopped beating or whose node is gone become
+        WorkerLost failures; the rest are reported to ``on_tick``."""
+        self.next_check = time.monotonic() + self.heartbeat_s
+        if self.board is None:
+            return
+        try:
+            beats = self.ray.get(self.board.snapshot.remote(self.forget), timeout=max(30.0, self.heartbeat_s))
+            alive_nodes = {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
+        except Exception as exc:  # noqa: BLE001 - skip this round; Ray reports dead workers on its own
+            print(f"warning: heartbeat check failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return
+        self.forget = []
+        running = []
+        for ref, (node, token) in list(self.pending.items()):
+            if token not in beats:
+                continue  # still queued: no judgement before its first beat
+            age, node_id, pid, host = beats[token]
+            if node_id not in alive_nodes:
+                reason = f"its node {node_id[:12]} ({host}) left the cluster"
+            elif age > LOST_AFTER_BEATS * self.heartbeat_s:
+                reason = f"no heartbeat for {age:.0f} s from pid {pid} on {host}"
+            else:
+                running.append(node)
+                continue
+            try:
+                self.ray.cancel(ref, force=True)  # frees its resources once Ray has killed the worker
+            except Exception:  # noqa: BLE001 - its node may be gone already
+                pass
+            del self.pending[ref]
+            self.forget.append(token)
+            self.lost.append(Outcome(node, failure=Failure(failures.WORKER_LOST, f"the {node.stage} job was "
+                                                           f"lost: {reason}")))
+        if self.on_tick is not None:
+            self.on_tick(running)
+
+    def slots(self) -> dict[str, float]:
+        return {k: v for k, v in self.ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
     def close(self) -> None:
         for ref in self.pending:
-            self.ray.cancel(ref, force=True)
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - best effort while stopping
+                pass
         self.pending.clear()
         if self.started:
             self.ray.shutdown()
@@ -139,14 +265,18 @@ def detect_gpus() -> int:
 
 
 def execute(plan: Plan, executor, resources: ResourcesSpec | Resources,
-            on_outcome: Callable[[Outcome], None]) -> None:
+            on_outcome: Callable[[Outcome], None], max_retries: int = 0) -> None:
     """Run every non-cached node of ``plan`` in dependency order, each with its
     node's resources (else its stage's from ``resources``), at most
-    ``resources.max_concurrent`` at a time."""
+    ``resources.max_concurrent`` at a time; a transient failure puts its node
+    back, up to ``max_retries`` times. ``on_outcome`` sees every outcome,
+    retried ones too (``retrying``), and one failure per node that cannot run
+    because an upstream node failed."""
     flat = resources if isinstance(resources, Resources) else None
     cap = None if flat else resources.max_concurrent
     done = {nid for nid, n in plan.nodes.items() if n.cached}
     failed: set[str] = set()
+    tries: Counter[str] = Counter()
     waiting = {nid: set(n.deps) - done for nid, n in plan.nodes.items() if not n.cached}
     dependents: dict[str, list[str]] = {}
     for nid in waiting:
@@ -165,24 +295,30 @@ def execute(plan: Plan, executor, resources: ResourcesSpec | Resources,
             if not waiting[child] and child not in failed:
                 ready.append(child)
 
-    def fail_downstream(nid: str, outcome: Outcome) -> None:
+    def fail_downstream(nid: str, cause: Failure) -> None:
         for child in dependents.get(nid, []):
             if child not in failed:
                 failed.add(child)
-                on_outcome(Outcome(plan.nodes[child], error=f"upstream {outcome.node.stage} failed: {outcome.error}",
-                                   traceback=outcome.traceback))
-                fail_downstream(child, outcome)
+                on_outcome(Outcome(plan.nodes[child], failure=cause))
+                fail_downstream(child, cause)
 
     ready.extend(nid for nid, deps in waiting.items() if not deps)
     submit_ready()
     while executor.inflight():
         outcome = executor.next_outcome()
         nid = outcome.node.id
-        on_outcome(outcome)
-        if outcome.error is None:
+        tries[nid] += 1
+        outcome.tries = tries[nid]
+        if outcome.failure is None:
+            on_outcome(outcome)
             done.add(nid)
             release(nid)
+        elif outcome.failure.transient and tries[nid] <= max_retries:
+            outcome.retrying = True
+            on_outcome(outcome)
+            ready.appendleft(nid)  # ahead of the queue: it was due already
         else:
+            on_outcome(outcome)
             failed.add(nid)
-            fail_downstream(nid, outcome)
+            fail_downstream(nid, failures.upstream(outcome.node.stage, outcome.node.key, outcome.failure))
         submit_ready()

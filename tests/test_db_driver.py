@@ -14,6 +14,7 @@ from db.session import make_engine, session_scope
 from db_helpers import cell_dicts, make_study
 from orchestrator.cli import main
 from orchestrator.plan import Node, Plan
+from orchestrator.failures import Failure, upstream
 from orchestrator.recorder import Announcing, Recorder, checkout_state
 from orchestrator.runner import Outcome
 from rd3core.artifacts import ArtifactStore
@@ -104,10 +105,10 @@ def test_failures_keep_type_and_traceback(db_engine, tmp_path):
     executor.submit(plan.nodes[f"posteval:{keys[1]}"], None)
     assert len(submitted) == 2
     trace = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
-    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"], error="RuntimeError: CUDA out of memory",
-                                 traceback=trace))
-    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[2]}"], error="upstream synth failed: ValueError: bad",
-                                 traceback="Traceback ...\nValueError: bad"))
+    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"],
+                                 failure=Failure("RuntimeError", "CUDA out of memory", trace)))
+    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[2]}"], failure=upstream(
+        "synth", "s1", Failure("ValueError", "bad", "Traceback ...\nValueError: bad"))))
     recorder.close("interrupted by the user")
     with session_scope(db_engine) as s:
         by_cell = {s.get(Cell, a.cell_id).cell_key: a for a in s.scalars(select(Attempt))}
@@ -117,6 +118,6 @@ def test_failures_keep_type_and_traceback(db_engine, tmp_path):
         assert first.traceback.startswith("Traceback") and first.traceback.endswith("CUDA out of memory")
         assert (second.status, second.error_type) == (AttemptStatus.failed, "Interrupted")
         assert (third.status, third.error_type) == (AttemptStatus.failed, "UpstreamFailed")
-        assert "upstream synth failed" in third.error_message
+        assert third.error_message == "synth s1 failed: ValueError: bad"
         assert s.get(Provenance, first.id).seed == 4
         assert {c.status.value for c in s.scalars(select(Cell))} == {"failed"}

@@ -114,10 +114,12 @@ def test_ray_executor_submits_with_the_resources(monkeypatch):
 
     executor = RayExecutor.__new__(RayExecutor)  # no Ray instance needed to check what is asked
     executor.remote, executor.pending, executor.store_root = Remote(), {}, "/tmp/none"
+    executor.board, executor.serial, executor.heartbeat_s = None, iter(range(9)), 5.0
     node = Node("posteval", "k", (), {})
     executor.submit(node, Resources(cpus=2, gpus=0.5, memory=3 * 2**30))
     executor.submit(node, Resources(cpus=1.5))
-    assert calls == [{"num_cpus": 2, "num_gpus": 0.5, "memory": 3 * 2**30}, {"num_cpus": 1.5, "num_gpus": 0.0}]
+    assert calls == [{"num_cpus": 2, "num_gpus": 0.5, "memory": 3 * 2**30, "name": "rd3:posteval"},
+                     {"num_cpus": 1.5, "num_gpus": 0.0, "name": "rd3:posteval"}]
 
 
 def test_mistakes_in_independent_parts_are_reported_together(tiny_study):
