@@ -13,7 +13,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .types import FactorKind, UTCDateTime, join_float
 
-EPOCH_FLOATS = ("loss", "lr", "test_top1", "heldout_top1", "time_s")
+# As the training loop reports them (rd3core.loop.train), one column each.
+EPOCH_FLOATS = ("loss", "lr", "test_top1", "heldout_top1", "time_s", "train_top1", "temperature")
 
 
 def utcnow() -> datetime:
@@ -204,6 +205,8 @@ class EpochMetric(Base):
     test_top1: Mapped[Optional[float]] = mapped_column(Float)
     heldout_top1: Mapped[Optional[float]] = mapped_column(Float)
     time_s: Mapped[Optional[float]] = mapped_column(Float)
+    train_top1: Mapped[Optional[float]] = mapped_column(Float)  # on the augmented training batches
+    temperature: Mapped[Optional[float]] = mapped_column(Float)  # the distillation loss's, this epoch
     nan_fields: Mapped[Optional[str]] = mapped_column(String(200))
 
     def values(self) -> dict[str, float | None]:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, String, and_, func, select, type_coerce
 from sqlalchemy.exc import DBAPIError
 
 from .frames import StudyCells
-from .models import Attempt, Cell, CellStatus, EpochMetric, Metric, Provenance, Study
+from .models import EPOCH_FLOATS, Attempt, Cell, CellStatus, EpochMetric, Metric, Provenance, Study
 from .session import DatabaseError, session_scope
 
 
@@ -221,16 +221,15 @@ def cells_frame(engine: Engine, study: str) -> pd.DataFrame:
     return frame if len(frame) else pd.DataFrame(columns=["cell_key", "seed", "status"])
 
 
-EPOCH_COLUMNS = ["cell_key", "epoch", "loss", "lr", "test_top1", "heldout_top1", "time_s"]
+EPOCH_COLUMNS = ["cell_key", "epoch", *EPOCH_FLOATS]
 
 
 def epoch_frame(engine: Engine, study: str) -> pd.DataFrame:
     """Per-epoch metrics of ``study``'s finished cells, one row per (cell, epoch):
-    cell_key, epoch, loss, lr, test_top1, heldout_top1, time_s (accuracies are
-    only present on evaluated epochs)."""
+    cell_key, epoch, loss, lr, test_top1, heldout_top1, time_s, train_top1,
+    temperature (test/held-out accuracies are only present on evaluated epochs)."""
     with session_scope(engine) as s:
-        rows = s.execute(select(Cell.cell_key, EpochMetric.epoch, EpochMetric.loss, EpochMetric.lr,
-                                EpochMetric.test_top1, EpochMetric.heldout_top1, EpochMetric.time_s)
+        rows = s.execute(select(Cell.cell_key, EpochMetric.epoch, *(getattr(EpochMetric, f) for f in EPOCH_FLOATS))
                          .join(Cell, EpochMetric.cell_id == Cell.id).join(Study)
                          .where(Study.name == study, Cell.status == CellStatus.done)
                          .order_by(Cell.cell_key, EpochMetric.epoch)).all()

@@ -1,6 +1,7 @@
 """The driver's records: a real (tiny) study run writes an attempt per cell,
 its provenance, the artifacts produced and used, and typed factors; failures
 keep their error type and traceback. On SQLite and PostgreSQL."""
+import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from db.models import Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, Provenance
+from db.models import Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, EpochMetric, Metric, Provenance, Study
 from db.queries import results_frame
 from db.session import make_engine, session_scope
 from db_helpers import cell_dicts, make_study
@@ -78,6 +79,7 @@ def test_a_run_records_attempts_provenance_artifacts(db_url, tmp_path, capsys):
         modes = {a.id: s.get(Cell, a.cell_id).factors["protocol.labels.mode"] for a in attempts}
     assert all(uses[a] == ({"synth"} if modes[a] == "hard" else {"synth", "teacher"}) for a in uses)
     assert len(uses) == 4
+    check_study_metrics_epochs(engine, attempts)
     if git["git_commit"]:  # a git checkout: the recorded commit is the real one
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert git["git_commit"] == head.stdout.strip()
@@ -87,6 +89,30 @@ def test_a_run_records_attempts_provenance_artifacts(db_url, tmp_path, capsys):
     with session_scope(engine) as s:
         assert len(list(s.scalars(select(Attempt)))) == 4
     engine.dispose()
+
+
+def check_study_metrics_epochs(engine, attempts):
+    """The study row, the synth cost metrics and the per-epoch history of the run above."""
+    with session_scope(engine) as s:
+        row = s.scalar(select(Study).where(Study.name == "micro"))
+        assert row.spec_text == MICRO and row.spec_hash == hashlib.sha256(MICRO.encode()).hexdigest()
+        # A clean finish stamps the study, after its last result.
+        assert row.finished_at is not None and row.finished_at >= max(a.ended_at for a in attempts)
+        assert row.finished_at >= row.created_at
+        for cell in s.scalars(select(Cell)):
+            metrics = {m.name: m.number for m in s.scalars(select(Metric).where(Metric.cell_id == cell.id))}
+            # random_real, ipc 2 on digits: 20 float32 images of 1x16x16, int64 labels.
+            assert {k: metrics[k] for k in ("synth_images", "synth_images_bytes", "synth_labels_bytes",
+                                            "synth_bytes")} == {"synth_images": 20, "synth_images_bytes": 20 * 256 * 4,
+                                                                "synth_labels_bytes": 20 * 8, "synth_bytes": 20640}
+            assert 0 < metrics["synth_wall_s"] < 60
+            epochs = list(s.scalars(select(EpochMetric).where(EpochMetric.cell_id == cell.id)
+                                    .order_by(EpochMetric.epoch)))
+            assert [e.epoch for e in epochs] == list(range(1, cell.factors["protocol.epochs"] + 1))
+            temperature = cell.config["protocol"]["loss"]["temperature"]
+            assert [e.temperature for e in epochs] == [temperature] * len(epochs) and temperature == 20.0
+            assert all(0.0 <= e.train_top1 <= 1.0 for e in epochs)
+            assert epochs[-1].test_top1 == metrics["top1"]
 
 
 def test_failures_keep_type_and_traceback(db_engine, tmp_path):

@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from db import records
 from db.models import Attempt, Base, Cell, CellFactor, EpochMetric, Metric
-from db.queries import metrics_frame, results_frame
+from db.queries import epoch_frame, metrics_frame, results_frame
 from db.schema import _config, current_revision, head_revision, upgrade
-from db.session import DatabaseError, make_engine, session_scope
+from db.session import BUSY_TIMEOUT_S, DatabaseError, make_engine, session_scope
 from db_helpers import cell_dicts, finish_cell, make_study
 
 
@@ -23,7 +23,27 @@ def test_models_equal_the_migrated_schema(db_engine):
     with db_engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == []
-    assert current_revision(db_engine) == head_revision()
+    assert current_revision(db_engine) == head_revision() == "0003"
+
+
+def test_sqlite_engine_pragmas(tmp_path):
+    # What docs/DATABASE.md promises: WAL (readers while a study writes), a busy
+    # timeout (writers wait rather than fail), foreign keys enforced, NORMAL sync.
+    engine = make_engine(f"sqlite:///{tmp_path / 'rd3.sqlite'}")
+    upgrade(engine)
+    with engine.connect() as conn:
+        pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                  for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
+    assert pragma == {"journal_mode": "wal", "busy_timeout": BUSY_TIMEOUT_S * 1000, "foreign_keys": 1,
+                      "synchronous": 1}
+    assert pragma["busy_timeout"] > 0
+    engine.dispose()
+    reader = make_engine(f"sqlite:///{tmp_path / 'rd3.sqlite'}", read_only=True)
+    with reader.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"  # stored in the file
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == BUSY_TIMEOUT_S * 1000
+        assert conn.exec_driver_sql("PRAGMA query_only").scalar() == 1
+    reader.dispose()
 
 
 def test_compare_catches_a_difference(db_engine):
@@ -91,14 +111,80 @@ def test_upgrade_from_0001_keeps_rows_and_fills_new_tables(db_url):
     engine.dispose()
 
 
+def _downgrade(engine, revision):
+    cfg = _config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+    assert current_revision(engine) == revision
+
+
+def test_train_top1_and_temperature_round_trip(db_engine):
+    ids = make_study(db_engine, "epochs", cell_dicts({"x": [1]}, seeds=[0]))
+    cell_id = next(iter(ids.values()))
+    # As rd3core.loop.train reports them: every epoch has both, test_top1 only when evaluated.
+    history = [{"epoch": 1, "loss": 2.0, "train_top1": 0.125, "lr": 0.1, "temperature": 4.0, "time_s": 0.5},
+               {"epoch": 2, "loss": 1.5, "train_top1": math.nan, "lr": 0.05, "temperature": 2.5, "time_s": 0.5,
+                "test_top1": 0.375}]
+    with session_scope(db_engine) as s:
+        attempt = records.start_attempt(s, cell_id)
+        records.record_result(s, cell_id, {"top1": 0.375}, history, attempt_id=attempt)
+        records.finish_attempt(s, attempt, records.AttemptStatus.done)
+    with session_scope(db_engine) as s:
+        rows = list(s.scalars(select(EpochMetric).where(EpochMetric.cell_id == cell_id).order_by(EpochMetric.epoch)))
+        assert [(r.train_top1, r.temperature) for r in rows] == [(0.125, 4.0), (None, 2.5)]
+        assert rows[1].nan_fields == "train_top1"
+        values = [r.values() for r in rows]
+    assert values[0] == {"loss": 2.0, "lr": 0.1, "test_top1": None, "heldout_top1": None, "time_s": 0.5,
+                         "train_top1": 0.125, "temperature": 4.0}
+    assert math.isnan(values[1]["train_top1"]) and values[1]["temperature"] == 2.5
+    frame = epoch_frame(db_engine, "epochs")
+    assert frame["train_top1"].tolist()[0] == 0.125 and math.isnan(frame["train_top1"].tolist()[1])
+    assert frame["temperature"].tolist() == [4.0, 2.5] and frame["epoch"].tolist() == [1, 2]
+
+
+def test_upgrade_from_0002_keeps_epoch_rows(db_url):
+    engine = make_engine(db_url)
+    upgrade(engine, "0002")
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(_t("study", "id", "name", "spec_text", "spec_hash", "created_at").insert(),
+                     [{"id": 1, "name": "old", "spec_text": "name: old", "spec_hash": "h", "created_at": created}])
+        cell = sa.table("cell", sa.column("id"), sa.column("study_id"), sa.column("cell_key"), sa.column("seed"),
+                        sa.column("factors", sa.JSON), sa.column("config", sa.JSON), sa.column("status"))
+        conn.execute(cell.insert(), [{"id": c, "study_id": 1, "cell_key": f"k{c}", "seed": 0, "factors": {"x": c},
+                                      "config": {}, "status": s} for c, s in ((1, "done"), (2, "pending"))])
+        conn.execute(_t("attempt", "id", "cell_id", "number", "status").insert(),
+                     [{"id": 7, "cell_id": 1, "number": 1, "status": "done"}])
+        conn.execute(_t("epoch_metric", "cell_id", "attempt_id", "epoch", "loss", "lr", "test_top1", "time_s",
+                        "nan_fields").insert(),
+                     [{"cell_id": 1, "attempt_id": 7, "epoch": e, "loss": 1.0 / e, "lr": 0.1, "test_top1": None,
+                       "time_s": 0.25, "nan_fields": "test_top1" if e == 2 else None} for e in (1, 2)])
+    upgrade(engine)
+    assert current_revision(engine) == head_revision()
+    with session_scope(engine) as s:
+        rows = list(s.scalars(select(EpochMetric).order_by(EpochMetric.epoch)))
+        assert [(r.cell_id, r.attempt_id, r.epoch, r.loss, r.lr, r.time_s) for r in rows] == [
+            (1, 7, 1, 1.0, 0.1, 0.25), (1, 7, 2, 0.5, 0.1, 0.25)]
+        assert [(r.train_top1, r.temperature) for r in rows] == [(None, None), (None, None)]
+        assert rows[0].values()["test_top1"] is None and math.isnan(rows[1].values()["test_top1"])
+    # The upgraded database stores the new columns...
+    with session_scope(engine) as s:
+        records.record_result(s, 2, {"top1": 0.5}, [{"epoch": 1, "loss": 0.75, "train_top1": 0.25,
+                                                      "temperature": 4.0}])
+    assert epoch_frame(engine, "old")[["epoch", "train_top1", "temperature"]].values.tolist()[-1] == [1, 0.25, 4.0]
+    # ...and a downgrade to 0002 drops them, keeping every row.
+    _downgrade(engine, "0002")
+    with engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT cell_id, epoch, loss FROM epoch_metric ORDER BY cell_id, epoch")).all()
+    assert [tuple(r) for r in kept] == [(1, 1, 1.0), (1, 2, 0.5), (2, 1, 0.75)]
+    engine.dispose()
+
+
 def test_downgrade_to_0001_and_back(db_engine):
     ids = make_study(db_engine, "s", cell_dicts({"x": [1, 2]}, seeds=[0]))
     finish_cell(db_engine, ids[next(iter(ids))], 0.5)
-    cfg = _config()
-    with db_engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0001")
-    assert current_revision(db_engine) == "0001"
+    _downgrade(db_engine, "0001")
     upgrade(db_engine)
     assert len(results_frame(db_engine, "s")) == 1
 
@@ -126,7 +212,8 @@ def test_nan_and_infinities_round_trip(db_engine):
     assert math.isnan(stored.pop("nan_metric"))
     assert stored == {"top1": 0.5, "pos_inf": math.inf, "neg_inf": -math.inf, "tiny": 5e-324, "missing": None}
     assert math.isnan(rows[0]["loss"]) and rows[0]["lr"] == math.inf and rows[0]["test_top1"] == -math.inf
-    assert rows[1] == {"loss": 0.25, "lr": None, "test_top1": None, "heldout_top1": None, "time_s": None}
+    assert rows[1] == {"loss": 0.25, "lr": None, "test_top1": None, "heldout_top1": None, "time_s": None,
+                       "train_top1": None, "temperature": None}
     long = metrics_frame(db_engine, "floats")
     nan_rows = long[long.name == "nan_metric"]
     assert len(nan_rows) == 3 and nan_rows.value.isna().all()
