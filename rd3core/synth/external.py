@@ -11,7 +11,10 @@ Accepted (``format: auto`` guesses from the path):
 - a tensor file, ``.pt``/``.pth`` (``torch.save`` of a dict) or ``.npz``, with
   ``images`` [N, C, H, W] (uint8 0-255 or float in [0, 1], unnormalised),
   ``labels`` [N] (integers in [0, classes)), optionally ``soft_labels``
-  [N, classes] (stored teacher logits) and ``num_classes``.
+  [N, classes] (stored teacher logits) and ``num_classes``. No label mode
+  reads imported soft labels (every mode labels from the dataset labels or the
+  study's own teachers), so they are kept on the set but flagged: a warning,
+  also recorded in the set's ``meta["warnings"]``, rather than silently ignored.
 
 Anything else is refused with the file and the problem named: wrong shapes or
 dtypes, labels out of range, classes without images, a class count that does
@@ -26,6 +29,7 @@ import io
 import os
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +42,13 @@ from ..data import Dataset, DatasetInfo
 from . import DistilledSet, register_method
 
 TENSOR_KEYS = ("images", "labels", "soft_labels", "num_classes")
+
+
+def unused_soft_labels_message(path: str | os.PathLike) -> str:
+    return (f"soft labels in {path} are not used by any label mode (hard uses the dataset labels; static, "
+            "epochwise and stored relabel with the study's teachers): they are kept on the set and counted in its "
+            "size, but post-evaluation ignores them; remove key 'soft_labels' from the file to import the images "
+            "and labels alone")
 
 
 class ExternalSetError(ValueError):
@@ -258,10 +269,16 @@ def load_external(params: ExternalParams, info: DatasetInfo, classes: tuple[str,
     if params.ipc is not None and (counts != params.ipc).any():
         odd = {c: int(n) for c, n in enumerate(counts) if n != params.ipc}
         raise ExternalSetError(path, f"ipc is {params.ipc} but classes hold {dict(list(odd.items())[:5])} images")
+    meta = {"source": str(path), "format": fmt, "content_sha256": content_digest(path)}
+    if soft is not None:
+        # Shown when the study is validated and again where the set is loaded;
+        # kept in the meta so the stored set says it too.
+        message = unused_soft_labels_message(path)
+        warnings.warn(message, UserWarning, stacklevel=2)
+        meta["warnings"] = [message]
     order = torch.sort(labels, stable=True).indices
     return DistilledSet(images[order].contiguous(), labels[order].contiguous(),
-                        soft_labels=soft[order].contiguous() if soft is not None else None,
-                        meta={"source": str(path), "format": fmt, "content_sha256": content_digest(path)})
+                        soft_labels=soft[order].contiguous() if soft is not None else None, meta=meta)
 
 
 def external_key_inputs(params: ExternalParams, seed: int) -> dict:
