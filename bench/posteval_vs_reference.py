@@ -39,6 +39,7 @@ JSON object: {"speedup_vs_reference", "overhead_vs_bare", "acc_ours",
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -57,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from rd3core.config import stable_hash, to_dict  # noqa: E402
 from rd3core.data import Dataset, cache_dir, load_dataset  # noqa: E402
+from rd3core.loop import Runtime  # noqa: E402
 from rd3core.pipeline import TeacherSpec, build_model, posteval, train_teacher  # noqa: E402
 from rd3core.protocol import OptimSpec, resolve_protocol  # noqa: E402
 from rd3core.synth import synthesize  # noqa: E402
@@ -153,7 +155,9 @@ class Reference:
         self.loader = torch.utils.data.DataLoader(InMemory(distilled.images, distilled.labels, transform),
                                                   batch_size=50, shuffle=True, num_workers=workers,
                                                   worker_init_fn=_file_system_sharing)
-        self.teacher, self.student = teacher.eval(), student.train()
+        # Its own copy of the teacher: our kernel re-lays the shared one out in
+        # NHWC, while the field's code runs the default NCHW layout.
+        self.teacher, self.student = copy.deepcopy(teacher).eval(), student.train()
         decay = [p for p in student.parameters() if p.ndim > 1]
         rest = [p for p in student.parameters() if p.ndim <= 1]
         o = protocol.optim
@@ -188,10 +192,12 @@ class Reference:
 
 class Bare:
     """The floor: student forward + KL + backward + AdamW step and a teacher
-    forward on a fixed, already normalised batch; nothing else."""
+    forward on a fixed, already normalised batch; nothing else. Same device and
+    memory layout as our kernel (``runtime``), so the ratio is our loop's overhead."""
 
-    def __init__(self, batch, teacher, student, protocol):
-        self.x, self.teacher, self.student = batch, teacher.eval(), student.train()
+    def __init__(self, batch, teacher, student, protocol, runtime: Runtime):
+        self.teacher, self.student = runtime.place(copy.deepcopy(teacher)).eval(), runtime.place(student).train()
+        self.x = batch.contiguous(memory_format=torch.channels_last) if runtime.channels_last else batch
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=protocol.optim.lr)
         self.t = protocol.loss.temperature
 
@@ -246,12 +252,13 @@ def main(argv=None) -> dict:
                                                   "eval": {"interval": 0, "record_best_on_test": False}})
     print(f"student {student_arch}, {args.epochs} epochs, batch 50, seeds {args.seeds}, torch threads {args.threads}, "
           f"reference workers {args.workers}")
+    runtime = Runtime()  # what a job on this machine's CPU uses (Runtime.auto without a GPU)
     ours_t, ref_t, bare_t, acc_ours, acc_ref = [], [], [], [], []
     for seed in range(args.seeds):
         distilled = synthesize("random_real", data, None, RandomRealParams(ipc=10), seed=seed)
         ref = Reference(distilled, data, protocol, teacher, build_model(student_arch, data, seed), seed, args.workers)
         batch = data.info.normalize(distilled.images[:50].float() / 255)
-        bare = Bare(batch, teacher, build_model(student_arch, data, seed + 1000), protocol)
+        bare = Bare(batch, teacher, build_model(student_arch, data, seed + 1000), protocol, runtime)
         steps = math.ceil(len(distilled.labels) / 50)
         bare.steps(1)  # warm-up: first calls allocate
 
@@ -263,7 +270,8 @@ def main(argv=None) -> dict:
             ref_t.append(ref.epoch())
 
         t0 = time.perf_counter()
-        result = posteval(distilled, data, protocol, {teacher_spec.arch: teacher}, seed, on_epoch=interleave)
+        result = posteval(distilled, data, protocol, {teacher_spec.arch: teacher}, seed, runtime,
+                          on_epoch=interleave)
         acc_ours.append(result["metrics"]["top1"])
         acc_ref.append(accuracy(ref.student, data.test, data.info))
         n = args.epochs

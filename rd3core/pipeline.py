@@ -84,7 +84,7 @@ def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: Distille
         if stored is None:
             raise ValueError("labels.mode 'stored' needs the stored labels (rd3core.stored_labels.precompute)")
         return StoredLabeler(stored, runtime)
-    ensemble = TeacherEnsemble([t.to(runtime.device) for t in teachers], spec.combine)
+    ensemble = TeacherEnsemble([runtime.place(t) for t in teachers], spec.combine)
     if spec.mode == "static":
         clean = dataset.info.normalize(as_float(distilled.images.to(runtime.device)))
         return StaticLabels(ensemble, clean)

@@ -165,7 +165,7 @@ def precompute(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, pr
     (combined) teachers, kept compactly."""
     t0 = time.perf_counter()
     spec = protocol.labels
-    ensemble = TeacherEnsemble([t.to(runtime.device) for t in teachers.values()], spec.combine)
+    ensemble = TeacherEnsemble([runtime.place(t) for t in teachers.values()], spec.combine)
     data = images.to(runtime.device)
     hw = tuple(images.shape[-2:])
     n = int(labels.shape[0])

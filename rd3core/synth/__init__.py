@@ -99,6 +99,8 @@ def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: A
     method = METHODS.get(name)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {name!r} needs a teacher")
+    if teacher is not None:
+        teacher = runtime.place(teacher)
     _sync(runtime)
     t0 = time.perf_counter()
     out = method.run(dataset, teacher, params, seed, runtime)
