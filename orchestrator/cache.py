@@ -24,12 +24,11 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import CellStatus
-from db.queries import cell_status, find_study, finished_cells
+from db.queries import find_study, finished_cells
 from db.session import DatabaseError, make_engine
 from rd3core.artifacts import ArtifactInfo, ArtifactStore
 
-from .driver import RunOptions, db_url
+from .driver import RunOptions, check_capacity, db_url, pending_cells
 from .expand import Cell, expand
 from .plan import Plan, build_plan
 from .spec import Study, StudyError, load_study
@@ -169,20 +168,21 @@ def _same_teacher(info: ArtifactInfo, payload: dict) -> bool:
 def dry_run(path: str | Path, options: RunOptions) -> int:
     study = load_study(path)
     cells = expand(study)
+    check_capacity(study, options)
     url = db_url(options)
     store = ArtifactStore(options.out / "artifacts", readonly=True)
-    status: dict[str, str] = {}
+    todo, skipped = cells, {}
     engine = existing_engine(url)
     if engine is not None:
         try:
-            status = cell_status(engine, study.name)
+            todo, skipped = pending_cells(engine, study, cells, options.retry_failed)
         except SQLAlchemyError:
-            status = {}
+            pass  # no tables yet: everything is to run
         finally:
             engine.dispose()
-    todo = [c for c in cells if status.get(c.key) != CellStatus.done.value]
-    print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
-          "(dry run: nothing is run or written)")
+    print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo) - len(skipped)} already done, "
+          + (f"{len(skipped)} failed before and skipped (--retry-failed runs them), " if skipped else "")
+          + f"{len(todo)} to run (dry run: nothing is run or written)")
     plan = build_plan(todo, store)
     for stage, (need, cached) in plan.counts().items():
         print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")

@@ -10,6 +10,7 @@ and docs/EXECUTION.md.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from db.queries import attempts_frame, cell_status, results_frame
 from db.schema import upgrade
 from db.session import make_engine, results_url, session_scope
 from rd3core.artifacts import ArtifactStore
+from rd3core.config import Problem
 
 from . import failures
 from .analysis import commands, summary
@@ -32,8 +34,9 @@ from .analysis.design import load_design
 from .expand import Cell, expand
 from .plan import assign_resources, build_plan
 from .recorder import Announcing, Recorder
-from .runner import LocalExecutor, Outcome, Progress, RayExecutor, execute
-from .spec import Study, load_study
+from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
+from .spec import Study, StudyError, load_study, render
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -115,10 +118,42 @@ def failed_before(engine, study: Study) -> dict[str, tuple[str | None, str | Non
     return {r.cell_key: (r.error_type, r.error_message) for r in frame.itertuples(index=False)}
 
 
+def embedded_capacity(study: Study, options: RunOptions) -> tuple[int, int] | None:
+    """(CPUs, GPUs) of the Ray instance this run would start; None when it joins a
+    cluster (which may grow) or runs jobs in-process."""
+    if options.executor != "ray" or options.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    limits = study.spec.resources
+    return embedded_size(options.num_cpus or limits.max_cpus,
+                         options.num_gpus if options.num_gpus is not None else limits.max_gpus)
+
+
+def check_capacity(study: Study, options: RunOptions) -> None:
+    """A job that asks for more than the embedded instance has would stay pending
+    forever: refuse the study up front, naming the key (nothing written yet)."""
+    size = embedded_capacity(study, options)
+    problems = [Problem(f"resources.{key}", message)
+                for key, message in study.spec.resources.capacity_problems(*size)] if size else []
+    if problems:
+        raise StudyError(render(study.source, problems))
+
+
+def pending_cells(engine, study: Study, cells: list[Cell], retry_failed: bool
+                  ) -> tuple[list[Cell], dict[str, tuple[str | None, str | None]]]:
+    """The cells a run would run, and those it skips: cells whose last attempt
+    failed deterministically (key -> error type, message), unless ``retry_failed``."""
+    status = cell_status(engine, study.name)
+    skipped = {} if retry_failed else {
+        k: e for k, e in failed_before(engine, study).items() if status.get(k) == CellStatus.failed.value
+        and not failures.rerun_by_default(*e)}
+    return [c for c in cells if status.get(c.key) != CellStatus.done.value and c.key not in skipped], skipped
+
+
 def run_study(path: str | Path, options: RunOptions) -> int:
     t_start = time.perf_counter()
     study = load_study(path)
     cells = expand(study)
+    check_capacity(study, options)
     options.out.mkdir(parents=True, exist_ok=True)
     engine = make_engine(db_url(options))
     upgrade(engine)  # before any job runs; refuses a database from newer code
@@ -129,12 +164,7 @@ def run_study(path: str | Path, options: RunOptions) -> int:
         ids = records.sync_cells(s, row, [{"cell_key": c.key, "seed": c.seed, "factors": c.factors,
                                            "config": c.config} for c in cells])
         stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
-    status = cell_status(engine, study.name)
-    earlier = failed_before(engine, study)
-    skipped = {} if options.retry_failed else {
-        k: e for k, e in earlier.items() if status.get(k) == CellStatus.failed.value
-        and not failures.rerun_by_default(*e)}
-    todo = [c for c in cells if status.get(c.key) != CellStatus.done.value and c.key not in skipped]
+    todo, skipped = pending_cells(engine, study, cells, options.retry_failed)
     by_key = {c.key: c for c in cells}
     command = command_of(path, options)
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo) - len(skipped)} already done, "

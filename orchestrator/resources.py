@@ -100,17 +100,31 @@ class ResourcesSpec:
             value = getattr(self, name)
             if value is not None and value < (1 if name == "max_cpus" else 0):
                 yield name, f"expected >= {1 if name == 'max_cpus' else 0}, got {value}"
-        limits = {"cpus": self.max_cpus, "gpus": self.max_gpus}
-        for kind, limit in limits.items():
-            if limit is None or limit < 0:
-                continue
-            # The study-wide default once, then each stage that sets its own.
-            asks = [("", "every", getattr(self, kind))] + [
-                (f"{stage}.", stage, getattr(getattr(self, stage), kind)) for stage in RESOURCE_STAGES]
-            for prefix, who, value in asks:
-                if value is not None and value > limit:
-                    yield f"{prefix}{kind}", (f"{who} job asks for {value:g} {kind.upper()[:-1]}s but the study "
-                                              f"allows at most max_{kind}={limit}: such a job could never start")
+        for kind, limit in {"cpus": self.max_cpus, "gpus": self.max_gpus}.items():
+            if limit is not None and limit >= 0:
+                for path, who, value in self.asks_above(kind, limit):
+                    yield path, (f"{who} job asks for {value:g} {kind.upper()[:-1]}s but the study "
+                                 f"allows at most max_{kind}={limit}: such a job could never start")
+
+    def asks_above(self, kind: str, limit: float):
+        """(key path, whose jobs, value) of every ``kind`` ("cpus"/"gpus") request
+        above ``limit``: the study-wide default once, then each stage that sets its own."""
+        asks = [("", "every", getattr(self, kind))] + [
+            (f"{stage}.", stage, getattr(getattr(self, stage), kind)) for stage in RESOURCE_STAGES]
+        for prefix, who, value in asks:
+            if value is not None and value > limit:
+                yield f"{prefix}{kind}", who, value
+
+    def capacity_problems(self, cpus: float, gpus: float):
+        """(key path, message) for every request that a Ray instance with
+        ``cpus`` CPUs and ``gpus`` GPUs could never schedule (Ray would leave
+        such a job pending forever)."""
+        for kind, total in {"cpus": cpus, "gpus": gpus}.items():
+            for path, who, value in self.asks_above(kind, total):
+                yield path, (f"{who} job asks for {value:g} {kind.upper()[:-1]}s but this machine's Ray instance "
+                             f"has {total:g} (--num-{kind}): such a job could never start; run it where the "
+                             f"{kind.upper()[:-1]}s are (--address), or with --executor local (in-process, on "
+                             f"the GPU when there is one)")
 
     def _merge(self, own: StageResources) -> Resources:
         def pick(name):

@@ -127,8 +127,8 @@ class RayExecutor:
             if address:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=True)
             else:
-                ray.init(num_cpus=num_cpus or available_cpus(), num_gpus=num_gpus if num_gpus is not None else
-                         detect_gpus(), include_dashboard=False,
+                num_cpus, num_gpus = embedded_size(num_cpus, num_gpus)
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                          _temp_dir=os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"),
                          logging_level="ERROR", log_to_driver=True)
         self.remote = ray.remote(max_retries=0)(run_job)  # retries are the driver's: each is an attempt row
@@ -247,6 +247,11 @@ class RayExecutor:
         self.pending.clear()
         if self.started:
             self.ray.shutdown()
+
+
+def embedded_size(num_cpus: int | None, num_gpus: int | None) -> tuple[int, int]:
+    """CPUs and GPUs of the embedded Ray instance: as given, else what this machine has."""
+    return num_cpus or available_cpus(), num_gpus if num_gpus is not None else detect_gpus()
 
 
 def available_cpus() -> int:

@@ -184,6 +184,10 @@ def test_faults_are_recorded_and_the_study_goes_on(tiny_study, tmp_path):
     assert f"python -m orchestrator run {study} --out {out} --num-cpus 2 --retry-failed" in err
     assert rows(db, "SELECT count(*) FROM metric WHERE name = 'top1'") == [(1,)]
 
+    # The dry run counts as the run does: the deterministic failures are skipped.
+    dry = run_cli("run", str(study), "--out", str(out), "--dry-run")
+    assert dry.returncode == 0 and "1 already done, 3 failed before and skipped" in dry.stdout
+    assert "0 to run (dry run" in dry.stdout
     # A plain rerun skips the deterministic failures: nothing runs, still exit 1.
     plain = run_cli("run", str(study), "--out", str(out), "--executor", "local")
     assert plain.returncode == 1 and "1 already done, 3 failed before and skipped" in plain.stdout

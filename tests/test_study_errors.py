@@ -93,3 +93,30 @@ def test_validate_in_a_real_process_reports_all_and_writes_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == len(expectations(study))
     assert list(tmp_path.iterdir()) == []
+
+
+# --- requests the machine can never meet ------------------------------------------
+
+@pytest.mark.parametrize("resources, flags, key, fragment", [
+    ("resources: {posteval: {gpus: 0.5}}", ["--num-gpus", "0"], "resources.posteval.gpus",
+     "posteval job asks for 0.5 GPUs but this machine's Ray instance has 0"),
+    ("resources: {cpus: 3}", ["--num-cpus", "2"], "resources.cpus",
+     "every job asks for 3 CPUs but this machine's Ray instance has 2"),
+])
+def test_a_request_the_embedded_instance_cannot_meet_is_refused(resources, flags, key, fragment, tmp_path, capsys):
+    # Ray would leave such a job pending forever; the run refuses it before
+    # starting Ray or writing anything, and so does the dry run.
+    study = tmp_path / "big.yaml"
+    study.write_text(TINY_STUDY.format(name="big") + resources + "\n")
+    line = study.read_text().splitlines().index(resources) + 1
+    out = tmp_path / "out"
+    for extra in ([], ["--dry-run"]):
+        assert main(["run", str(study), "--out", str(out), *flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{study}:{line}: {key}: {fragment}" in err and "--executor local" in err
+        assert not out.exists()
+    # In-process jobs ignore Ray's bookkeeping, and a cluster may grow: neither is refused.
+    from orchestrator.driver import RunOptions, check_capacity
+    from orchestrator.spec import load_study
+    check_capacity(load_study(study), RunOptions(out=out, executor="local", num_cpus=2, num_gpus=0))
+    check_capacity(load_study(study), RunOptions(out=out, address="127.0.0.1:6379", num_cpus=2, num_gpus=0))
