@@ -47,14 +47,45 @@ def planted_value(effects: dict, combo: dict) -> float:
     return total
 
 
-def true_shares(effects: dict, factors: dict[str, list], noise_sd: float) -> dict[tuple, float]:
-    """Population variance fractions of each planted term over a balanced design."""
+def terms_of(factors: dict[str, list]) -> list[tuple[str, ...]]:
+    """Every ANOVA term of the full factorial model, mains first."""
+    names = list(factors)
+    return [t for k in range(1, len(names) + 1) for t in itertools.combinations(names, k)]
+
+
+def planted_variances(effects: dict, factors: dict[str, list]) -> dict[tuple, float]:
+    """Mean over the design's combinations of each planted term's squared effect
+    (its population variance, the effects being centred); 0 for unplanted terms."""
     combos = [c for c, _ in expand(factors, [0])]
-    var = {t: float(np.mean([table.get(tuple(hashable(c[f]) for f in t), 0.0) ** 2 for c in combos]))
-           for t, table in effects.items()}
+    var = {t: 0.0 for t in terms_of(factors)}
+    for t, table in effects.items():
+        var[t] = float(np.mean([table.get(tuple(hashable(c[f]) for f in t), 0.0) ** 2 for c in combos]))
+    return var
+
+
+def true_shares(effects: dict, factors: dict[str, list], noise_sd: float) -> dict[tuple, float]:
+    """Population variance fractions of each term over a balanced design (what
+    omega^2 estimates)."""
+    var = planted_variances(effects, factors)
     total = sum(var.values()) + noise_sd ** 2
     shares = {t: v / total for t, v in var.items()}
     shares["residual"] = noise_sd ** 2 / total
+    return shares
+
+
+def expected_shares(effects: dict, factors: dict[str, list], noise_sd: float, n_seeds: int) -> dict[tuple, float]:
+    """What eta^2 (SS_t / SS_total) estimates in a balanced full-factorial study with
+    ``n_seeds`` seeds per combination: N = combinations x seeds cells, and over the
+    noise E[SS_t] = N v_t + df_t sigma^2 (every term soaks up df_t sigma^2 of
+    noise), E[SS_resid] = (N - combinations) sigma^2, E[SS_total] = N sum(v) +
+    (N - 1) sigma^2; the share is the ratio of these expectations (exact to
+    O(1/N)). Differs from ``true_shares`` by the small-sample bias omega^2 removes."""
+    var, s2 = planted_variances(effects, factors), noise_sd ** 2
+    combos = int(np.prod([len(v) for v in factors.values()]))
+    n = combos * n_seeds
+    total = n * sum(var.values()) + (n - 1) * s2
+    shares = {t: (n * v + int(np.prod([len(factors[f]) - 1 for f in t])) * s2) / total for t, v in var.items()}
+    shares["residual"] = (n - combos) * s2 / total
     return shares
 
 
