@@ -14,11 +14,12 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 from db.session import DatabaseError
-from rd3core.data import list_datasets
+from rd3core.data import data_env_var, list_datasets
 from rd3core.models import list_models
 from rd3core.protocol import list_presets
 from rd3core.synth import list_methods
 
+from . import yamlsrc
 from .analysis.design import AnalysisError
 from .spec import StudyError
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a study file; print every problem")
     validate.add_argument("study", type=Path)
+    for cmd in (run, validate):
+        cmd.add_argument("--data", metavar="PATH", type=Path,
+                         help="where the study's dataset is when the study gives no dataset.root: an ImageFolder "
+                              "tree, a .tar.gz of one, or torchvision's CIFAR folder (sets RD3_DATA_<NAME>)")
 
     lst = sub.add_parser("list", help="print registered names, one per line")
     lst.add_argument("what", choices=sorted(LISTS))
@@ -113,10 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_data_path(study: Path, data: Path) -> None:
+    """``--data PATH``: the dataset's location for this process and the Ray workers
+    it starts, as RD3_DATA_<NAME>. A location is not part of any cell's or stage's
+    identity (the dataset's content fingerprint is), so the same study finds its
+    results wherever its data lives."""
+    name = yamlsrc.dataset_name(study)
+    if name:  # otherwise the study's own errors say what is wrong
+        os.environ[data_env_var(name)] = str(data.expanduser().resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "data", None) is not None:
+            use_data_path(args.study, args.data)
         if args.command == "list":
             print("\n".join(LISTS[args.what]()))
             return 0

@@ -125,7 +125,11 @@ class RayExecutor:
         self.started = not ray.is_initialized()
         if self.started:
             if address:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+                # Dataset locations given to this driver (run --data, RD3_DATA_*) reach the
+                # cluster's workers too; an embedded instance's workers inherit them.
+                data = {k: v for k, v in os.environ.items() if k.startswith("RD3_DATA_")}
+                ray.init(address=address, logging_level="ERROR", log_to_driver=True,
+                         runtime_env={"env_vars": data} if data else None)
             else:
                 num_cpus, num_gpus = embedded_size(num_cpus, num_gpus)
                 ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,

@@ -7,13 +7,14 @@ before anything is written. docs/STUDIES.md describes every key.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
-from rd3core.data import DATASETS, check_location
+from rd3core.data import DATASETS, check_location, data_env_var
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
@@ -40,7 +41,9 @@ class DatasetSpec:
         try:
             check_location(self.name, self.root)
         except FileNotFoundError as exc:
-            yield "root", str(exc)
+            # rd3core names the study key and the variable; the command line has one more way.
+            unset = self.root is None and data_env_var(self.name) not in os.environ
+            yield "root", f"{exc}{' (or give run --data PATH)' if unset else ''}"
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,14 @@ def unrecordable(data: Any, path: str = ""):
     elif not isinstance(data, (str, int, float, bool, type(None))):
         yield path, (f"expected a number, a string, a list or a mapping, got {type(data).__name__} {data!r} "
                      "(quote it to make it a string)")
+
+
+def dataset_name(path: str | Path) -> str | None:
+    """``dataset.name`` of a study file, read leniently (None when the file, its
+    YAML or the key is not right: loading the study then says what is wrong)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+        name = data["dataset"]["name"]
+    except Exception:  # noqa: BLE001 - any problem is reported by load_study with its line
+        return None
+    return name if isinstance(name, str) else None

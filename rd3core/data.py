@@ -176,9 +176,14 @@ def load_imagefolder(path: str | Path, info: DatasetInfo, stream: bool | None = 
     return load(path, info, stream)
 
 
+def data_env_var(name: str) -> str:
+    """The environment variable that says where dataset ``name`` is."""
+    return f"RD3_DATA_{name.upper()}"
+
+
 def _root_from_env(name: str, root: str | None) -> str:
     """A dataset path comes from the study (root) or RD3_DATA_<NAME>."""
-    env = f"RD3_DATA_{name.upper()}"
+    env = data_env_var(name)
     found = root or os.environ.get(env)
     if not found:
         raise FileNotFoundError(
