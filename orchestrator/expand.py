@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from rd3core.config import ConfigError, Problem, build, field_types, stable_hash, to_dict
-from rd3core.data import dataset_info
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import Protocol
 from rd3core.synth import METHODS
@@ -46,7 +45,7 @@ class _Resolver:
     def __init__(self, study: Study):
         self.study = study
         self.spec = study.spec
-        self.family = dataset_info(self.spec.dataset.name).family
+        self.family = self.spec.dataset.info.family
         self.paths: dict[str, FactorPath | None] = {}
         self.bases: dict[tuple, dict] = {}
         self.protocols: dict[tuple, tuple[Protocol, dict] | list[Problem]] = {}
@@ -185,8 +184,9 @@ def expand(study: Study) -> list[Cell]:
     resolver = _Resolver(study)
     by_label = {m.label: m for m in study.methods}
     columns = study.factor_columns
-    dataset = to_dict(spec.dataset)
-    info = dataset_info(spec.dataset.name)
+    info = spec.dataset.info
+    identified = spec.dataset.identified()  # with a content digest when the facts come from the data
+    dataset = to_dict(identified)
     problems: list[Problem] = []
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
@@ -230,7 +230,7 @@ def expand(study: Study) -> list[Cell]:
                                         "make them differ, or drop one with an 'exclude' rule"))
                 continue
             seen[key] = factors
-            cells.append(Cell(key, seed, factors, spec.dataset, methods[mkey], preset, protocol, used, config))
+            cells.append(Cell(key, seed, factors, identified, methods[mkey], preset, protocol, used, config))
     if problems:
         raise StudyError(render(study.source, list(dict.fromkeys(problems))))
     return cells

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
-from rd3core.data import DATASETS, check_location, data_env_var
+from rd3core.data import DATASETS, DatasetInfo, check_location, data_env_var, dataset_info
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
@@ -40,10 +40,29 @@ class DatasetSpec:
             return
         try:
             check_location(self.name, self.root)
+            dataset_info(self.name, self.root)  # facts read from the data (imagefolder): a bad tree shows here
         except FileNotFoundError as exc:
             # rd3core names the study key and the variable; the command line has one more way.
             unset = self.root is None and data_env_var(self.name) not in os.environ
             yield "root", f"{exc}{' (or give run --data PATH)' if unset else ''}"
+        except ValueError as exc:
+            yield "root", str(exc)
+
+    @property
+    def info(self) -> DatasetInfo:
+        return dataset_info(self.name, self.root)
+
+    def identified(self) -> "DatasetSpec":
+        """What cells and stages are keyed by: a dataset whose facts are read from
+        its data also carries its content digest, so two trees never share results."""
+        digest = self.info.digest
+        return DigestedDatasetSpec(self.name, self.root, digest) if digest else self
+
+
+@dataclass(frozen=True)
+class DigestedDatasetSpec(DatasetSpec):
+    """Set by expand, never a study key (``build`` sees only DatasetSpec's keys)."""
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -293,7 +312,13 @@ def _normalise(spec: StudySpec, data: dict) -> tuple[StudySpec, list[Problem]]:
 def _family(data: dict) -> str:
     dataset = data.get("dataset")
     name = dataset.get("name") if isinstance(dataset, dict) else None
-    return DATASETS.get(name)[0].family if isinstance(name, str) and name in DATASETS else "cifar"
+    root = dataset.get("root") if isinstance(dataset, dict) else None
+    if not isinstance(name, str) or name not in DATASETS:
+        return "cifar"
+    try:
+        return dataset_info(name, root if isinstance(root, str) else None).family
+    except (FileNotFoundError, ValueError):  # reported at dataset.root
+        return "cifar"
 
 
 def _base_protocol_problems(data: dict) -> list[Problem]:

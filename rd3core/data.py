@@ -1,6 +1,8 @@
 """Dataset registry. Every per-dataset fact (classes, input size, mean/std,
-family) lives in one :class:`DatasetInfo`; loaders return tensors that stay
-resident on the device for small sets, airbench-style.
+family) lives in one :class:`DatasetInfo`: tabled in :data:`FACTS`, or for a
+user's own ImageFolder tree (``imagefolder``) read from the data by
+:func:`dataset_info`. Loaders return tensors that stay resident on the device
+for small sets, airbench-style.
 
 ImageNet-scale sets stream from disk instead (:class:`rd3core.imagefiles.StreamSplit`).
 Images are kept as uint8 (real data) or float32 in [0, 1] (synthetic data);
@@ -36,6 +38,9 @@ class DatasetInfo:
     # cropped to `size` on the device.
     resize: int = 0
     stream: bool = False  # ImageNet-scale: files stay on disk, DataLoader workers decode
+    # Content digest of data whose facts were read from it (`imagefolder`): what
+    # tells two such datasets apart in cell and stage ids. '' for fixed facts.
+    digest: str = ""
 
     @property
     def test_transform(self) -> str:
@@ -110,7 +115,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 # --------------------------------------------------------------------------------------
 
 Loader = Callable[..., Dataset]  # (root, stream=None) -> Dataset
-DATASETS: Registry[tuple[DatasetInfo, Loader]] = Registry("dataset")
+# (facts, loader); facts None: read from the data by ``loader.facts(root)``.
+DATASETS: Registry[tuple[DatasetInfo | None, Loader]] = Registry("dataset")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -216,6 +222,38 @@ def check_location(name: str, root: str | None) -> None:
             raise FileNotFoundError(f"dataset {name!r}: {path} does not exist")
 
 
+# --------------------------------------------------------------------------------------
+# `imagefolder`: a user's own tree, its facts read from the data
+# --------------------------------------------------------------------------------------
+
+def family_for_size(size: int) -> str:
+    """The preset family of a user's dataset, by input side, as the presets
+    expect: <= 32 cifar, <= 64 tiny, larger imagenet."""
+    return "cifar" if size <= 32 else "tiny" if size <= 64 else "imagenet"
+
+
+def _imagefolder_info(root: str | None) -> DatasetInfo:
+    from .imagefiles import read_facts
+
+    path = Path(_root_from_env("imagefolder", root)).expanduser()
+    facts = read_facts(path, "imagefolder")
+    return DatasetInfo(
+        "imagefolder", len(facts["classes"]), 3, facts["size"], tuple(facts["mean"]), tuple(facts["std"]),
+        family_for_size(facts["size"]),
+        f"ImageFolder tree {path}: classes, size and mean/std read from its train images", digest=facts["digest"])
+
+
+def _load_user_folder(root: str | None, stream: bool | None = None) -> Dataset:
+    from . import imagefiles
+
+    info = _imagefolder_info(root)
+    return imagefiles.load_imagefolder(Path(_root_from_env("imagefolder", root)).expanduser(), info, stream)
+
+
+_load_user_folder.needs_root = True
+_load_user_folder.facts = _imagefolder_info  # root -> DatasetInfo: facts derived, never tabled
+
+
 _FOLDER = "ImageFolder tree (train/<class>/, val/<class>/)"
 _CIFAR = "ImageFolder tree or .tar.gz of one, or torchvision's cifar-*-python folder/tarball"
 # The one place for per-dataset facts: classes, channels, input side, mean/std,
@@ -235,16 +273,23 @@ FACTS = (
 )
 for _info in FACTS:
     DATASETS.add(_info.name, (_info, _file_loader(_info.name)))
+# No tabled facts (None): dataset_info reads them from the data at `root`.
+DATASETS.add("imagefolder", (None, _load_user_folder))
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    return DATASETS.get(name)[0]
+def dataset_info(name: str, root: str | None = None) -> DatasetInfo:
+    """The facts of dataset ``name``: from the table, or for a dataset described
+    by its own data (``imagefolder``) read from ``root`` / RD3_DATA_<NAME>
+    (FileNotFoundError when it is missing, ValueError when the tree breaks the
+    rules; cached, so cheap after the first call)."""
+    info, loader = DATASETS.get(name)
+    return loader.facts(root) if info is None else info
 
 
 def load_dataset(name: str, root: str | None = None, stream: bool | None = None) -> Dataset:
     """Load a registered dataset. ``stream`` overrides the dataset's default
     (ImageNet-scale sets stream from disk; small sets are held as tensors)."""
-    info, loader = DATASETS.get(name)
+    _, loader = DATASETS.get(name)
     return loader(root) if stream is None else loader(root, stream)
 
 

@@ -10,8 +10,10 @@ of the same files give the same pixels.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -104,15 +106,26 @@ def _read_tar(path: Path) -> tuple[list[tuple[str, str, str]], dict[str, bytes]]
 
 
 def source_digest(path: Path) -> str:
+    """Names, sizes and mtimes of a tree's files (cheap: no file is read; an
+    image rewritten in place is seen), or the bytes of an archive (hashed once
+    per process while its size and mtime stay the same). Keys the caches."""
+    if not path.is_dir():
+        stat = path.stat()
+        return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     h = hashlib.sha256()
-    if path.is_dir():
-        for folder, dirs, files in os.walk(path):
-            dirs.sort()
-            for f in sorted(files):
-                full = Path(folder) / f
-                h.update(str(full.relative_to(path)).encode())
-                h.update(str(full.stat().st_size).encode())
-        return h.hexdigest()[:16]
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            full = Path(folder) / f
+            h.update(str(full.relative_to(path)).encode())
+            stat = full.stat()
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
@@ -144,10 +157,10 @@ def _dataset(info: DatasetInfo, arrays: dict[str, np.ndarray], record: dict) -> 
     return Dataset(info, train, test, classes, record)
 
 
-def _check_splits(info: DatasetInfo, path: Path, entries: list) -> list[str]:
+def _check_splits(name: str, path: Path, entries: list) -> list[str]:
     found = sorted({s for s, _, _ in entries})
     if found != ["test", "train"]:
-        raise ValueError(f"dataset {info.name!r}: {path} must hold train/<class>/ and test/<class>/ "
+        raise ValueError(f"dataset {name!r}: {path} must hold train/<class>/ and test/<class>/ "
                          f"(or val/<class>/) image files (found splits {found})")
     return sorted({c for _, c, _ in entries})
 
@@ -164,23 +177,138 @@ def load_imagefolder(path: str | Path, info: DatasetInfo, stream: bool | None = 
     digest = source_digest(path)
 
     def build() -> dict[str, np.ndarray]:
-        if path.is_dir():
-            entries = list_directory(path)
-            read = lambda name: (path / name).read_bytes()  # noqa: E731
-        else:
-            entries, blobs = _read_tar(path)
-            read = blobs.__getitem__
-        classes = _check_splits(info, path, entries)
-        index = {c: i for i, c in enumerate(classes)}
-        arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
-        for split in ("train", "test"):
-            rows = [(c, n) for s, c, n in entries if s == split]
-            arrays[f"{split}_x"] = np.stack([decode(read(n), info.size, info.channels, info.resize) for _, n in rows])
-            arrays[f"{split}_y"] = np.asarray([index[c] for c, _ in rows], dtype=np.int64)
-        return arrays
+        entries, read = _open_tree(path)
+        return _decode_tree(info, _check_splits(info.name, path, entries), entries, read)
 
     record = {"dataset": info.name, "source": str(path), "source_digest": digest, "format": "imagefolder"}
     return _dataset(info, _cached(info, digest, build), record)
+
+
+def _open_tree(path: Path):
+    """(entries, read): the tree's (split, class, name) rows and name -> bytes."""
+    if path.is_dir():
+        return list_directory(path), lambda name: (path / name).read_bytes()
+    entries, blobs = _read_tar(path)  # one sequential pass (gzip cannot seek cheaply)
+    return entries, blobs.__getitem__
+
+
+def _decode_tree(info: DatasetInfo, classes: list[str], entries: list, read) -> dict[str, np.ndarray]:
+    index = {c: i for i, c in enumerate(classes)}
+    arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
+    for split in ("train", "test"):
+        rows = [(c, n) for s, c, n in entries if s == split]
+        arrays[f"{split}_x"] = np.stack([decode(read(n), info.size, info.channels, info.resize) for _, n in rows])
+        arrays[f"{split}_y"] = np.asarray([index[c] for c, _ in rows], dtype=np.int64)
+    return arrays
+
+
+# --------------------------------------------------------------------------------------
+# A user's own tree: facts read from the data (the `imagefolder` dataset)
+# --------------------------------------------------------------------------------------
+
+FACTS_VERSION = 1  # bump when what read_facts derives changes: cached facts are then re-read
+
+
+def read_facts(path: str | Path, name: str) -> dict:
+    """What :mod:`rd3core.data` needs to describe a user's ImageFolder tree (or
+    .tar(.gz) of one): ``classes`` (train/'s sorted subfolders; the test split
+    must hold the same), ``size`` (every train image is square and of one size),
+    ``mean``/``std`` (per RGB channel, over every pixel of the train images in
+    [0, 1]) and ``digest`` (of the decoded pixels, labels and class names: the
+    data's identity, the same for a folder and a tarball of it).
+
+    Reading them decodes the tree once into the same .npz cache the loader then
+    uses; the facts themselves are cached as JSON under the source digest, so
+    later calls cost one :func:`source_digest`. A tree that breaks the rules
+    raises ValueError saying what to fix."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {name!r}: {path} does not exist")
+    digest = source_digest(path)
+    seen = _FACTS_SEEN.get((str(path.resolve()), name, digest))
+    if seen is None:
+        try:
+            seen = _read_facts(path, name, digest)
+        except ValueError as exc:  # a bad tree: said once per process, not re-read by every check
+            seen = exc
+        _FACTS_SEEN[str(path.resolve()), name, digest] = seen
+    if isinstance(seen, ValueError):
+        raise ValueError(str(seen))
+    return dict(seen)
+
+
+_FACTS_SEEN: dict[tuple[str, str, str], dict | ValueError] = {}
+
+
+def _read_facts(path: Path, name: str, digest: str) -> dict:
+    cached = cache_dir() / f"{name}-facts-{digest}.json"
+    if cached.exists():
+        facts = json.loads(cached.read_text())
+        if facts.get("version") == FACTS_VERSION:
+            return facts
+    entries, read = _open_tree(path)
+    classes = _check_splits(name, path, entries)
+    _check_same_classes(name, path, entries)
+    side = _train_side(name, path, entries, read)
+    info = DatasetInfo(name, len(classes), 3, side, (), (), "", str(path))  # what decoding and the cache use
+    arrays = _cached(info, digest, lambda: _decode_tree(info, classes, entries, read))
+    x = arrays["train_x"]  # [N, 3, side, side] uint8
+    pixels = x.shape[0] * side * side
+    total = x.sum(axis=(0, 2, 3), dtype=np.float64) / 255.0
+    squares = np.einsum("nchw,nchw->c", x, x, dtype=np.float64) / 255.0 ** 2
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 0.0))
+    content = hashlib.sha256(np.asarray(classes).tobytes())
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        content.update(np.ascontiguousarray(arrays[key]).tobytes())
+    # digest: the decoded pixels, labels and class names, so the same data has one
+    # identity wherever it lives (folder or tarball); source_digest keys the caches.
+    facts = {"version": FACTS_VERSION, "digest": content.hexdigest()[:16], "source_digest": digest,
+             "classes": classes, "size": side,
+             # Rounded like the published tables; a floor keeps one-colour data finite.
+             "mean": [round(float(m), 4) for m in mean], "std": [max(round(float(s), 4), 0.01) for s in std],
+             "train": int(x.shape[0]), "test": int(arrays["test_x"].shape[0])}
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(facts))
+    os.replace(tmp, cached)
+    return facts
+
+
+def _folder_of(entries: list, split: str) -> str:
+    """The tree's own name for a split (test/ or val/, under any top folder)."""
+    name = next(n for s, _, n in entries if s == split)
+    parts = PurePosixPath(name).parts
+    at = next(i for i, p in enumerate(parts) if p in SPLITS)
+    return "/".join(parts[: at + 1]) + "/"
+
+
+def _check_same_classes(name: str, path: Path, entries: list) -> None:
+    train = {c for s, c, _ in entries if s == "train"}
+    test = {c for s, c, _ in entries if s == "test"}
+    if train != test:
+        a, b = _folder_of(entries, "train"), _folder_of(entries, "test")
+        only = "; ".join(f"only in {where}: {', '.join(sorted(extra)[:5])}{' ...' if len(extra) > 5 else ''}"
+                         for where, extra in ((a, train - test), (b, test - train)) if extra)
+        raise ValueError(f"dataset {name!r}: {path}: {a} and {b} must hold the same class folders ({only})")
+
+
+def _train_side(name: str, path: Path, entries: list, read) -> int:
+    from PIL import Image
+
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for split, _, member in entries:
+        if split == "train":
+            source = read(member)
+            with Image.open(io.BytesIO(source)) as img:  # reads the header only
+                sizes.setdefault(img.size, []).append(member)
+    square = [s for s in sizes if s[0] == s[1]]
+    if len(sizes) == 1 and square:
+        return square[0][0]
+    shown = ", ".join(f"{w}x{h} ({len(sizes[w, h])}, e.g. {sizes[w, h][0]})"
+                      for w, h in sorted(sizes, key=lambda s: -len(sizes[s]))[:4])
+    raise ValueError(f"dataset {name!r}: {path}: every train image must be square and of one size (found {shown}); "
+                     "resize them first, e.g. to 32x32, 64x64 or 224x224 (test images may be any size: they get "
+                     "the test transform)")
 
 
 # --------------------------------------------------------------------------------------
@@ -327,7 +455,7 @@ def _stream_imagefolder(path: Path, info: DatasetInfo) -> Dataset:
         raise ValueError(f"dataset {info.name!r}: {path} is an archive; a streamed dataset must be an extracted "
                          "directory (train/<class>/ and val/<class>/)")
     entries = list_directory(path)
-    classes = _check_splits(info, path, entries)
+    classes = _check_splits(info.name, path, entries)
     if len(classes) != info.num_classes:
         raise ValueError(f"dataset {info.name!r}: {path} has {len(classes)} classes, expected {info.num_classes}")
     index = {c: i for i, c in enumerate(classes)}
