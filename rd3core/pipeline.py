@@ -64,16 +64,48 @@ def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtim
                  seed=spec.seed, runtime=runtime, test=dataset.test)
 
 
-def heldout_split(dataset: Dataset, per_class: int) -> tuple[Split, torch.Tensor]:
-    """A fixed (seed 0) set of real training images per class for selection;
-    identical for every cell so selections are comparable."""
-    gen = generator(0, "heldout")
+# The held-out split is one fixed draw (this seed, ``eval.heldout_per_class``
+# images per class), identical for every cell so that selections are comparable.
+HELDOUT_SEED = 0
+
+
+class HeldoutOverlap(ValueError):
+    """The distilled set holds images of the held-out split: selecting on it
+    would select on images the student trains on."""
+
+
+def heldout_split(dataset: Dataset, per_class: int, seed: int = HELDOUT_SEED) -> tuple[Split, torch.Tensor]:
+    """``per_class`` real training images per class for selection (a fixed
+    draw from ``seed``) and their indices into the training split."""
+    gen = generator(seed, "heldout")
     picks = []
     for c in range(dataset.info.num_classes):
         members = torch.nonzero(dataset.train.labels == c).flatten()
         picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     idx = torch.cat(picks)
     return dataset.train.subset(idx), idx
+
+
+def check_heldout(distilled: DistilledSet, held_idx: torch.Tensor, per_class: int) -> bool:
+    """Refuse a distilled set built from held-out images. Synthesis sees the whole
+    training split (the held-out split is drawn at post-evaluation, after the
+    shared synth stage), so a method that picks or crops real images (random_real,
+    herding, rded, full_real, sre2l with real init) may have picked held-out ones;
+    they record ``source_indices`` and any overlap is refused. Returns whether
+    the check could be made (False: the set records no source images, e.g.
+    noise-initialised or imported sets)."""
+    if distilled.source_indices is None:
+        return False
+    used = torch.isin(distilled.source_indices.flatten().cpu(), held_idx.cpu())
+    if used.any():
+        shown = distilled.source_indices.flatten()[used].unique()[:5].tolist()
+        raise HeldoutOverlap(
+            f"{int(used.sum())} of the distilled set's source images are held-out images (training indices "
+            f"{shown}...; eval.heldout_per_class={per_class}, seed {HELDOUT_SEED}): an epoch selected on them is "
+            "selected on training data. Synthesis picks from the whole training split, so held-out selection "
+            "cannot be honest for this set: set eval.heldout_per_class to 0 (report top1) or use a set that "
+            "does not use those images.")
+    return True
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
@@ -142,9 +174,17 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     labels.mode 'stored', ``stored`` comes from the labels stage
     (:func:`make_stored_labels`); it is checked against this run and refused
     on any difference. When it is None the labels are precomputed here.
+    With ``eval.heldout_per_class``, a set whose ``source_indices`` include a
+    held-out image is refused (:class:`HeldoutOverlap`) before anything runs.
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
+    heldout, heldout_info = None, {}
+    if protocol.eval.heldout_per_class:  # checked first: a refused set costs no labels or training
+        per_class = protocol.eval.heldout_per_class
+        heldout, held_idx = heldout_split(dataset, per_class)
+        heldout_info = {"heldout": {"per_class": per_class, "seed": HELDOUT_SEED, "images": len(held_idx),
+                                    "overlap_checked": check_heldout(distilled, held_idx, per_class)}}
     labels_info: dict[str, Any] = {}
     t_labels = time.perf_counter()
     if protocol.labels.mode == "stored":
@@ -158,18 +198,11 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
         names = label_teachers(protocol, teachers)
         labeler = make_labeler(protocol.labels, [teachers[n] for n in names], distilled, dataset, runtime)
     t_labels = time.perf_counter() - t_labels  # static labels or a stored-label precompute done here
-    heldout = None
-    extra: dict[str, float] = {}
-    if protocol.eval.heldout_per_class:
-        heldout, held_idx = heldout_split(dataset, protocol.eval.heldout_per_class)
-        if distilled.source_indices is not None:
-            extra["heldout_overlap"] = float(torch.isin(distilled.source_indices, held_idx).sum())
     student = build_model(protocol.student, dataset, seed)
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
                    heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch)
-    metrics = {**result.metrics, **extra}
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
-    return {"metrics": metrics, "epochs": result.epochs, "timing": timing, "labels": labels_info,
-            "resolved": {"batch_size": batch_size, "teachers": names}}
+    return {"metrics": dict(result.metrics), "epochs": result.epochs, "timing": timing, "labels": labels_info,
+            "resolved": {"batch_size": batch_size, "teachers": names, **heldout_info}}

@@ -9,7 +9,7 @@ pass the same validation (:func:`rd3core.config.build`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -74,19 +74,34 @@ class OptimSpec:
             yield "weight_decay", f"expected >= 0, got {self.weight_decay}"
 
 
+def rd3_zeta(student: str) -> float:
+    """RD3's rule for the smoothing factor: zeta = 1 for a ResNet-18 student, 2
+    for every other student (PROTOCOLS.md, RD3's unified recipe). ResNet-18 is
+    matched on the model's base name: ``resnet18``, ``tv/resnet18``,
+    ``timm/resnet18`` and ``timm/resnet18.<tag>``."""
+    base = student.split("/", 1)[1] if student.startswith(("tv/", "timm/")) else student
+    return 1.0 if base.split(".", 1)[0] == "resnet18" else 2.0
+
+
+# Rules a schedule.zeta may name instead of a number, resolved from the student
+# when the Protocol is built: the built Protocol (and its to_dict) holds the number.
+ZETA_RULES = {"rd3": rd3_zeta}
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     # cosine with zeta: lr * 0.5 * (1 + cos(pi * t / zeta)), t in [0, 1] after warm-up.
     # zeta = 1 is "cosine to 0"; zeta = 2 is RDED/EDC's smoothed cosine ending at 0.5x.
+    # "rd3": RD3's rule (rd3_zeta), resolved from the student by the Protocol.
     name: Literal["cosine", "step", "constant"] = "cosine"
-    zeta: float = 1.0
+    zeta: float | Literal["rd3"] = 1.0
     warmup_epochs: int = 0  # linear warm-up from 0
     milestones: tuple[int, ...] = ()  # step: epochs at which lr is multiplied by step_gamma
     step_gamma: float = 0.1
     per: Literal["step", "epoch"] = "step"  # granularity of lr updates
 
     def validate(self):
-        if self.zeta < 1:
+        if not isinstance(self.zeta, str) and self.zeta < 1:
             yield "zeta", f"expected >= 1, got {self.zeta}"
         if self.warmup_epochs < 0:
             yield "warmup_epochs", f"expected >= 0, got {self.warmup_epochs}"
@@ -95,6 +110,9 @@ class ScheduleSpec:
         """lr multiplier at (fractional) ``epoch`` of ``epochs``."""
         import math
 
+        if isinstance(self.zeta, str):
+            raise ValueError(f"schedule.zeta {self.zeta!r} is a rule resolved from the student: use the "
+                             "schedule of a built Protocol")
         if self.per == "epoch":
             epoch = math.floor(epoch)
         if epoch < self.warmup_epochs:
@@ -151,6 +169,12 @@ class Protocol:
     ema_decay: float | None = None  # evaluate an EMA of the weights (EDC: 0.99)
     eval: EvalSpec = field(default_factory=EvalSpec)
 
+    def __post_init__(self):
+        # A zeta rule ("rd3") becomes its number for this student.
+        zeta = self.schedule.zeta
+        if isinstance(zeta, str) and zeta in ZETA_RULES:
+            object.__setattr__(self, "schedule", replace(self.schedule, zeta=ZETA_RULES[zeta](self.student)))
+
     def validate(self):
         from .models import MODELS
 
@@ -165,10 +189,14 @@ class Protocol:
 
 
 def batch_size_for(protocol: Protocol, ipc: int, num_classes: int, family: str | None = None) -> int:
-    """Resolve ``batch_size``. RDED's rule (argument.py): IPC1 -> 10, IPC10 -> 50,
-    IPC50 -> 100, doubled for 100 and 1000 classes, Tiny-ImageNet always 100,
-    capped at IPC * classes. RDED sets nothing for other IPCs; here they take
-    the nearest rung below (our assumption)."""
+    """Resolve ``batch_size``. RDED's rule (LINs-lab/RDED argument.py, "set up
+    batch size"): IPC1 -> 10, IPC10 -> 50, IPC50 -> 100, doubled for 100 and
+    1000 classes (here: >= 100, as PROTOCOLS.md states it), then capped at
+    IPC * classes. PROTOCOLS.md's summary leaves out one line of that code: after
+    the doubling, ``if args.subset == "tinyimagenet": args.re_batch_size = 100``,
+    so Tiny-ImageNet (200 classes) is always 100 before the cap; we follow the
+    code. RDED sets nothing for other IPCs; here they take the nearest rung
+    below (our assumption)."""
     if protocol.batch_size != "rded":
         return int(protocol.batch_size)
     if family == "tiny":
