@@ -121,7 +121,10 @@ class _Resolver:
             return problems + exc.problems
         if problems:
             return problems
-        return protocol, {f: groups[f] if f in groups else to_dict(getattr(protocol, f)) for f in self.fields}
+        # A group the Protocol itself resolved (a rule such as schedule.zeta: rd3) is
+        # recorded as resolved: the stored config says what ran.
+        return protocol, {f: groups[f] if f in groups and getattr(protocol, f) is data[f] else
+                          to_dict(getattr(protocol, f)) for f in self.fields}
 
     def method_params(self, method: MethodConfig, levels: list) -> tuple[Any, dict] | list[Problem]:
         key = (method.label, repr(levels))
