@@ -23,7 +23,7 @@ from rd3core.synth import METHODS
 
 from .design import NATIVE, Row
 from .factors import FactorPath, apply_level, parse_factor
-from .spec import DatasetSpec, MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render
+from .spec import MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Cell:
     key: str
     seed: int
     factors: dict[str, Any]  # factor column -> level (the study's factor_columns)
-    dataset: DatasetSpec
+    dataset: dict[str, Any]  # the dataset's identity (DatasetSpec.identified): what stages load and are keyed by
     method: MethodConfig
     preset: str | None
     protocol: Protocol
@@ -188,9 +188,9 @@ def expand(study: Study) -> list[Cell]:
     by_label = {m.label: m for m in study.methods}
     columns = study.factor_columns
     info = spec.dataset.info
-    identified = spec.dataset.identified()  # with a content digest when the facts come from the data
-    dataset = to_dict(identified)
+    dataset = spec.dataset.identified()  # name and root, and a content digest or held-out carve when set
     problems: list[Problem] = []
+    unselectable: set[str | None] = set()  # presets whose protocols leave the held-out split nothing to select
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
     methods: dict[tuple, MethodConfig] = {}
@@ -205,6 +205,13 @@ def expand(study: Study) -> list[Cell]:
             (protocol, protocol_dict), (params, params_dict), teachers = resolved
             used = _cell_teachers(protocol, teachers, METHODS.get(method.name).needs_teacher)
             found = [used] if isinstance(used, Problem) else []
+            if spec.dataset.heldout_per_class and not protocol.eval.interval and preset not in unselectable:
+                unselectable.add(preset)
+                within = ", ".join(f"{k}={v!r}" for k, v in row.levels.items())
+                problems.append(Problem("dataset.heldout_per_class", (
+                    f"selecting an epoch on the held-out split needs eval.interval > 0, but the protocol "
+                    f"{'of preset ' + repr(preset) if preset else '(no preset)'} has eval.interval 0 (in the cells "
+                    f"with {within}): set protocol.common_overrides.eval.interval, or drop heldout_per_class")))
         if found:
             within = ", ".join(f"{k}={v!r}" for k, v in row.levels.items())
             problems += [Problem(row.where, f"{p.path}: {p.message} (in the cells with {within})") for p in found]
@@ -233,7 +240,7 @@ def expand(study: Study) -> list[Cell]:
                                         "make them differ, or drop one with an 'exclude' rule"))
                 continue
             seen[key] = factors
-            cells.append(Cell(key, seed, factors, identified, methods[mkey], preset, protocol, used, config))
+            cells.append(Cell(key, seed, factors, dataset, methods[mkey], preset, protocol, used, config))
     if problems:
         raise StudyError(render(study.source, list(dict.fromkeys(problems))))
     return cells

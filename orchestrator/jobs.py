@@ -26,7 +26,7 @@ import torch
 
 from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
-from rd3core.data import Dataset, load_dataset
+from rd3core.data import HELDOUT_SEED, Dataset, carve_heldout, load_dataset
 from rd3core.loop import Runtime
 from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, posteval, train_teacher
 from rd3core.protocol import Protocol
@@ -35,13 +35,22 @@ from rd3core.synth import METHODS, DistilledSet, synthesize
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str | None) -> Dataset:
+def _loaded(name: str, root: str | None) -> Dataset:
     # Reused Ray workers keep the decoded dataset between jobs.
     return load_dataset(name, root)
 
 
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str | None, heldout_per_class: int, heldout_seed: int) -> Dataset:
+    # Carved once per worker from the one decoded copy: every stage of a carved
+    # dataset (teacher, synth, labels, posteval) sees the same carved train split.
+    return carve_heldout(_loaded(name, root), heldout_per_class, heldout_seed)
+
+
 def _get_dataset(spec: dict) -> Dataset:
-    return _dataset(spec["name"], spec.get("root"))
+    """The dataset a payload names (DatasetSpec.identified), carved when it says so."""
+    return _dataset(spec["name"], spec.get("root"), spec.get("heldout_per_class", 0),
+                    spec.get("heldout_seed", HELDOUT_SEED))
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
-from rd3core.data import DATASETS, DatasetInfo, check_location, data_env_var, dataset_info
+from rd3core.data import (DATASETS, HELDOUT_SEED, DatasetInfo, check_location, data_env_var, dataset_info,
+                          load_dataset, train_class_counts)
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
@@ -33,11 +34,16 @@ METHOD_KEYS = ("name", "label", "native_preset")
 class DatasetSpec:
     name: str
     root: str | None = None  # path to the data, or the RD3_DATA_<NAME> environment variable
+    # Real training images per class carved out of the training split before any
+    # stage sees it (rd3core.data.carve_heldout): posteval selects an epoch on them.
+    heldout_per_class: int = 0
 
     def validate(self):
         if self.name not in DATASETS:
             yield "name", DATASETS.unknown_message(self.name)
             return
+        if self.heldout_per_class < 0:
+            yield "heldout_per_class", f"expected >= 0, got {self.heldout_per_class}"
         try:
             check_location(self.name, self.root)
             dataset_info(self.name, self.root)  # facts read from the data (imagefolder): a bad tree shows here
@@ -45,24 +51,37 @@ class DatasetSpec:
             # rd3core names the study key and the variable; the command line has one more way.
             unset = self.root is None and data_env_var(self.name) not in os.environ
             yield "root", f"{exc}{' (or give run --data PATH)' if unset else ''}"
+            return
         except ValueError as exc:
             yield "root", str(exc)
+            return
+        if self.heldout_per_class > 0:
+            # Only then is the data read (its labels bound the carve): every class keeps a training image.
+            counts = train_class_counts(load_dataset(self.name, self.root))
+            smallest = min(counts)
+            if self.heldout_per_class >= smallest:
+                yield "heldout_per_class", (f"expected less than {smallest}, the training images of the smallest "
+                                            f"class ({self.name!r} class {counts.index(smallest)}), so every class "
+                                            f"keeps one; got {self.heldout_per_class}")
 
     @property
     def info(self) -> DatasetInfo:
         return dataset_info(self.name, self.root)
 
-    def identified(self) -> "DatasetSpec":
-        """What cells and stages are keyed by: a dataset whose facts are read from
-        its data also carries its content digest, so two trees never share results."""
+    def identified(self) -> dict[str, Any]:
+        """What cells and stages are keyed by, and what workers load
+        (``orchestrator.jobs``): name and root; for a dataset whose facts are read
+        from its data, its content digest (two trees never share results); for a
+        carved one, ``heldout_per_class`` and ``heldout_seed``, so its teachers,
+        distilled sets and cells are never those of the whole training split.
+        Keys at their default are left out: an uncarved dataset keys as before."""
+        identity: dict[str, Any] = {"name": self.name, "root": self.root}
         digest = self.info.digest
-        return DigestedDatasetSpec(self.name, self.root, digest) if digest else self
-
-
-@dataclass(frozen=True)
-class DigestedDatasetSpec(DatasetSpec):
-    """Set by expand, never a study key (``build`` sees only DatasetSpec's keys)."""
-    digest: str = ""
+        if digest:
+            identity["digest"] = digest
+        if self.heldout_per_class:
+            identity.update(heldout_per_class=self.heldout_per_class, heldout_seed=HELDOUT_SEED)
+        return identity
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .registry import Registry
+from .seeding import generator
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class Dataset:
     classes: tuple[str, ...]
     # How the data was obtained and split, stored with every result.
     record: dict = field(default_factory=dict)
+    # Real training images set aside for selecting an epoch (never trained on, never
+    # the test set): made by carve_heldout, None for the whole training split.
+    heldout: Split | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -108,6 +112,56 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# The held-out split is one fixed draw from this seed, the same for every cell and
+# study, so that epochs selected on it compare.
+HELDOUT_SEED = 0
+
+
+def train_class_counts(dataset: Dataset) -> list[int]:
+    """Training images per class."""
+    return torch.bincount(dataset.train.labels, minlength=dataset.info.num_classes).tolist()
+
+
+def carve_heldout(dataset: Dataset, per_class: int, seed: int = HELDOUT_SEED) -> Dataset:
+    """``dataset`` with ``per_class`` training images of every class moved out of
+    ``train`` into ``heldout`` (a class-balanced draw from ``seed``), for choosing
+    an epoch without looking at the test set.
+
+    Carve before anything sees the data: teachers, synthesis and post-evaluation
+    all given the carved dataset never see a held-out image, so no distilled
+    image can be one. ``record["heldout"]`` says what was carved and the
+    fingerprint differs from the whole dataset's. ``per_class`` 0 returns
+    ``dataset`` itself; every class must keep at least one training image."""
+    if per_class < 0:
+        raise ValueError(f"heldout_per_class: expected >= 0, got {per_class}")
+    if dataset.heldout is not None:
+        raise ValueError(f"dataset {dataset.info.name!r} already has a held-out split: carve the whole dataset")
+    if per_class == 0:
+        return dataset
+    counts = train_class_counts(dataset)
+    smallest = min(counts)
+    if per_class >= smallest:
+        raise ValueError(f"heldout_per_class: expected less than {smallest}, the training images of the smallest "
+                         f"class ({dataset.info.name!r} class {counts.index(smallest)}), so every class keeps one; "
+                         f"got {per_class}")
+    gen = generator(seed, "heldout")
+    labels = dataset.train.labels
+    picks = []
+    for c in range(dataset.info.num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    held = torch.cat(picks)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    indices_sha = tensor_digest(held)
+    fingerprint = hashlib.sha256(f"{dataset.fingerprint}:heldout:{per_class}:{seed}:{indices_sha}".encode())
+    record = {**dataset.record, "fingerprint": fingerprint.hexdigest()[:16],
+              "heldout": {"per_class": per_class, "seed": seed, "images": len(held), "train": int(keep.sum()),
+                          "indices_sha": indices_sha, "whole_fingerprint": dataset.fingerprint}}
+    return replace(dataset, train=dataset.train.subset(torch.nonzero(keep).flatten()),
+                   heldout=dataset.train.subset(held), record=record)
 
 
 # --------------------------------------------------------------------------------------

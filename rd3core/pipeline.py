@@ -2,7 +2,7 @@
 post-evaluate a distilled set. (Synthesis is :func:`rd3core.synth.synthesize`.)
 Usable from a notebook without the orchestrator::
 
-    data = load_dataset("digits")
+    data = load_dataset("digits")  # carve_heldout(data, 5): also select epochs on held-out images
     teacher = train_teacher(data, TeacherSpec(arch="convnet3", epochs=20))
     distilled = synthesize("random_real", data, None, RandomRealParams(ipc=10), seed=0)
     result = posteval(distilled, data, resolve_protocol("rd3", "digits"), {"convnet3": teacher.model}, seed=0)
@@ -22,7 +22,7 @@ from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
 from .loop import Runtime, TrainResult, train
 from .models import MODELS, create_model
 from .protocol import LabelSpec, OptimSpec, Protocol, ScheduleSpec, batch_size_for
-from .seeding import derive_seed, generator, seed_everything
+from .seeding import derive_seed, seed_everything
 from .stored_labels import StoredLabeler, StoredLabels, precompute, signature
 from .synth import DistilledSet
 
@@ -62,50 +62,6 @@ def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtim
     model = build_model(spec.arch, dataset, spec.seed)
     return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
                  seed=spec.seed, runtime=runtime, test=dataset.test)
-
-
-# The held-out split is one fixed draw (this seed, ``eval.heldout_per_class``
-# images per class), identical for every cell so that selections are comparable.
-HELDOUT_SEED = 0
-
-
-class HeldoutOverlap(ValueError):
-    """The distilled set holds images of the held-out split: selecting on it
-    would select on images the student trains on."""
-
-
-def heldout_split(dataset: Dataset, per_class: int, seed: int = HELDOUT_SEED) -> tuple[Split, torch.Tensor]:
-    """``per_class`` real training images per class for selection (a fixed
-    draw from ``seed``) and their indices into the training split."""
-    gen = generator(seed, "heldout")
-    picks = []
-    for c in range(dataset.info.num_classes):
-        members = torch.nonzero(dataset.train.labels == c).flatten()
-        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
-    idx = torch.cat(picks)
-    return dataset.train.subset(idx), idx
-
-
-def check_heldout(distilled: DistilledSet, held_idx: torch.Tensor, per_class: int) -> bool:
-    """Refuse a distilled set built from held-out images. Synthesis sees the whole
-    training split (the held-out split is drawn at post-evaluation, after the
-    shared synth stage), so a method that picks or crops real images (random_real,
-    herding, rded, full_real, sre2l with real init) may have picked held-out ones;
-    they record ``source_indices`` and any overlap is refused. Returns whether
-    the check could be made (False: the set records no source images, e.g.
-    noise-initialised or imported sets)."""
-    if distilled.source_indices is None:
-        return False
-    used = torch.isin(distilled.source_indices.flatten().cpu(), held_idx.cpu())
-    if used.any():
-        shown = distilled.source_indices.flatten()[used].unique()[:5].tolist()
-        raise HeldoutOverlap(
-            f"{int(used.sum())} of the distilled set's source images are held-out images (training indices "
-            f"{shown}...; eval.heldout_per_class={per_class}, seed {HELDOUT_SEED}): an epoch selected on them is "
-            "selected on training data. Synthesis picks from the whole training split, so held-out selection "
-            "cannot be honest for this set: set eval.heldout_per_class to 0 (report top1) or use a set that "
-            "does not use those images.")
-    return True
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
@@ -174,17 +130,21 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     labels.mode 'stored', ``stored`` comes from the labels stage
     (:func:`make_stored_labels`); it is checked against this run and refused
     on any difference. When it is None the labels are precomputed here.
-    With ``eval.heldout_per_class``, a set whose ``source_indices`` include a
-    held-out image is refused (:class:`HeldoutOverlap`) before anything runs.
+    A dataset with a held-out split (:func:`rd3core.data.carve_heldout`) is
+    evaluated on it too, at every evaluated epoch (``eval.interval`` must be set),
+    and ``top1_heldout_selected`` records the test accuracy at the epoch chosen
+    on it.
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
-    heldout, heldout_info = None, {}
-    if protocol.eval.heldout_per_class:  # checked first: a refused set costs no labels or training
-        per_class = protocol.eval.heldout_per_class
-        heldout, held_idx = heldout_split(dataset, per_class)
-        heldout_info = {"heldout": {"per_class": per_class, "seed": HELDOUT_SEED, "images": len(held_idx),
-                                    "overlap_checked": check_heldout(distilled, held_idx, per_class)}}
+    heldout, heldout_info = dataset.heldout, {}
+    if heldout is not None:
+        if not protocol.eval.interval:  # the final epoch alone leaves nothing to select
+            raise ValueError(f"dataset {dataset.info.name!r} has a held-out split: selecting an epoch on it needs "
+                             "eval.interval > 0")
+        carved = dataset.record.get("heldout", {})
+        heldout_info = {"heldout": {"per_class": carved.get("per_class"), "seed": carved.get("seed"),
+                                    "images": len(heldout)}}
     labels_info: dict[str, Any] = {}
     t_labels = time.perf_counter()
     if protocol.labels.mode == "stored":

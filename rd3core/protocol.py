@@ -128,9 +128,10 @@ class ScheduleSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     interval: int = 0  # also evaluate every k epochs for learning curves (0: final only)
-    # Real training images per class held out (never trained on) to select an
-    # epoch without touching the test set.
-    heldout_per_class: int = 0
+    # Selecting an epoch on held-out real training images is a property of the
+    # dataset (rd3core.data.carve_heldout; a study's dataset.heldout_per_class):
+    # posteval evaluates on dataset.heldout at these epochs when it has one.
+
     # Also record the best test accuracy over evaluated epochs, under a name
     # that says it was selected on the test set (some papers report this).
     record_best_on_test: bool = False
@@ -147,10 +148,6 @@ class EvalSpec:
             yield "best_after_fraction", f"expected in [0, 1), got {self.best_after_fraction}"
         if self.interval < 0:
             yield "interval", f"expected >= 0, got {self.interval}"
-        if self.heldout_per_class < 0:
-            yield "heldout_per_class", f"expected >= 0, got {self.heldout_per_class}"
-        if self.heldout_per_class and not self.interval:
-            yield "interval", "held-out selection needs eval.interval > 0"
         if self.record_best_on_test and not self.interval:
             yield "interval", "record_best_on_test needs eval.interval > 0"
 

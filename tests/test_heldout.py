@@ -1,15 +1,21 @@
-"""Held-out selection (eval.heldout_per_class) is only honest when no distilled
-image is a held-out image: synthesis sees the whole training split, so a set
-that picked held-out images is refused before anything trains."""
+"""Held-out selection: the held-out split is a property of the dataset
+(``dataset.heldout_per_class``), carved out of the training split before any
+stage sees it, so no teacher trains on it and no distilled image can be one."""
+from collections import Counter
+
 import pytest
 import torch
 
+from orchestrator.expand import expand
+from orchestrator.jobs import _get_dataset, run_node
+from orchestrator.plan import STAGES, build_plan
+from orchestrator.spec import StudyError, load_study
+from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
-from rd3core.data import load_dataset
-from rd3core.pipeline import HELDOUT_SEED, HeldoutOverlap, check_heldout, heldout_split, posteval
+from rd3core.data import HELDOUT_SEED, carve_heldout, load_dataset, train_class_counts
+from rd3core.pipeline import posteval
 from rd3core.protocol import Protocol
-from rd3core.synth import DistilledSet, synthesize
-from rd3core.synth.full_real import FullRealParams
+from rd3core.synth import synthesize
 from rd3core.synth.random_real import RandomRealParams
 
 ARCH = "convnet2-w8"
@@ -22,67 +28,138 @@ def digits():
     return load_dataset("digits")
 
 
-def protocol(per_class=PER_CLASS):
-    return build(Protocol, {"student": ARCH, "epochs": 2, "batch_size": 16, "labels": {"mode": "hard"},
-                            "augment": {"flip": False}, "eval": {"interval": 1, "heldout_per_class": per_class}})
+def rows(images: torch.Tensor) -> Counter:
+    return Counter(bytes(x.contiguous().numpy().tobytes()) for x in images)
 
 
-def overlap(distilled, held_idx):
-    return int(torch.isin(distilled.source_indices.flatten(), held_idx).sum())
+def protocol(interval=1):
+    return build(Protocol, {"student": ARCH, "epochs": 3, "batch_size": 16, "labels": {"mode": "hard"},
+                            "augment": {"flip": False}, "eval": {"interval": interval}})
 
 
-def test_heldout_split_is_a_fixed_class_balanced_draw(digits):
-    split, idx = heldout_split(digits, PER_CLASS)
-    again, idx2 = heldout_split(digits, PER_CLASS)
-    assert torch.equal(idx, idx2) and torch.equal(split.images, again.images)
-    assert torch.bincount(split.labels, minlength=10).tolist() == [PER_CLASS] * 10
-    assert torch.equal(split.labels, digits.train.labels[idx])
-    assert not torch.equal(heldout_split(digits, PER_CLASS, seed=HELDOUT_SEED + 1)[1], idx)
+def test_the_carve_splits_the_training_split_in_two(digits):
+    carved = carve_heldout(digits, PER_CLASS)
+    assert digits.heldout is None and len(digits.train) == 1347  # the whole dataset is left as it was
+    assert train_class_counts(carved) == [n - PER_CLASS for n in train_class_counts(digits)]
+    assert torch.bincount(carved.heldout.labels, minlength=10).tolist() == [PER_CLASS] * 10
+    # Disjoint, and together exactly the original training split (every image once, with its label).
+    train, held = rows(carved.train.images), rows(carved.heldout.images)
+    assert not set(train) & set(held)
+    assert train + held == rows(digits.train.images)
+    assert sorted(carved.train.labels.tolist() + carved.heldout.labels.tolist()) == sorted(digits.train.labels.tolist())
+    assert carved.test is digits.test
+    record = carved.record["heldout"]
+    assert (record["per_class"], record["seed"], record["images"], record["train"]) == (PER_CLASS, HELDOUT_SEED, 30, 1317)
+    assert carved.fingerprint != digits.fingerprint and record["whole_fingerprint"] == digits.fingerprint
+    assert carve_heldout(digits, 0) is digits
 
 
-def test_a_set_that_picked_heldout_images_is_refused_before_training(digits):
-    distilled = synthesize("random_real", digits, None, RandomRealParams(ipc=10), seed=0)
-    _, held_idx = heldout_split(digits, PER_CLASS)
-    assert overlap(distilled, held_idx) > 0  # this draw does pick held-out images
-    epochs = []
-    with pytest.raises(HeldoutOverlap, match="held-out images.*heldout_per_class=3"):
-        posteval(distilled, digits, protocol(), {}, seed=0, on_epoch=epochs.append)
-    assert epochs == []  # refused before any training
+def test_the_same_seed_gives_the_same_carve(digits):
+    a, b = carve_heldout(digits, PER_CLASS), carve_heldout(digits, PER_CLASS)
+    assert torch.equal(a.heldout.images, b.heldout.images) and torch.equal(a.train.images, b.train.images)
+    assert a.fingerprint == b.fingerprint
+    other = carve_heldout(digits, PER_CLASS, seed=HELDOUT_SEED + 1)
+    assert not torch.equal(other.heldout.images, a.heldout.images) and other.fingerprint != a.fingerprint
+    assert carve_heldout(digits, PER_CLASS + 1).fingerprint != a.fingerprint
 
 
-def test_the_whole_training_split_is_refused(digits):
-    distilled = synthesize("full_real", digits, None, FullRealParams(), seed=0)
-    with pytest.raises(HeldoutOverlap):
-        posteval(distilled, digits, protocol(), {}, seed=0)
+def test_carving_refuses_what_would_empty_a_class_or_carve_twice(digits):
+    smallest = min(train_class_counts(digits))
+    with pytest.raises(ValueError, match=f"less than {smallest}.*'digits' class 8"):
+        carve_heldout(digits, smallest)
+    with pytest.raises(ValueError, match="expected >= 0"):
+        carve_heldout(digits, -1)
+    with pytest.raises(ValueError, match="already has a held-out split"):
+        carve_heldout(carve_heldout(digits, 1), 1)
 
 
-def test_a_disjoint_set_runs_and_records_the_split(digits):
-    distilled = synthesize("random_real", digits, None, RandomRealParams(ipc=4), seed=0)
-    _, held_idx = heldout_split(digits, PER_CLASS)
-    assert overlap(distilled, held_idx) == 0
-    out = posteval(distilled, digits, protocol(), {}, seed=0)
-    assert out["resolved"]["heldout"] == {"per_class": PER_CLASS, "seed": HELDOUT_SEED, "images": 10 * PER_CLASS,
-                                          "overlap_checked": True}
-    assert "top1_heldout_selected" in out["metrics"] and "heldout_overlap" not in out["metrics"]
-    assert "heldout" not in posteval(distilled, digits, protocol(0), {}, seed=0)["resolved"]
+def test_random_real_ipc10_selects_on_the_heldout_split(digits):
+    # Refused before the carve (a random IPC 10 draw from the whole split picked
+    # held-out images); now the draw comes from the carved split.
+    carved = carve_heldout(digits, PER_CLASS)
+    distilled = synthesize("random_real", carved, None, RandomRealParams(ipc=10), seed=0)
+    assert not set(rows(distilled.images)) & set(rows(carved.heldout.images))
+    out = posteval(distilled, carved, protocol(), {}, seed=0)
+    evaluated = {r["epoch"]: r["test_top1"] for r in out["epochs"] if "test_top1" in r}
+    assert list(evaluated) == [1, 2, 3] and all("heldout_top1" in r for r in out["epochs"])
+    m = out["metrics"]
+    assert m["top1_heldout_selected"] == evaluated[int(m["heldout_selected_epoch"])]
+    assert m["top1"] == evaluated[3]
+    assert out["resolved"]["heldout"] == {"per_class": PER_CLASS, "seed": HELDOUT_SEED, "images": 30}
+    plain = posteval(distilled, digits, protocol(), {}, seed=0)  # the whole dataset: no selection
+    assert "top1_heldout_selected" not in plain["metrics"] and "heldout" not in plain["resolved"]
+    with pytest.raises(ValueError, match="eval.interval > 0"):
+        posteval(distilled, carved, protocol(interval=0), {}, seed=0)
 
 
-def test_crops_of_several_images_count_each_source(digits):
-    # RDED-style sets record f*f source images per distilled image.
-    _, held_idx = heldout_split(digits, PER_CLASS)
-    free = torch.tensor([i for i in range(len(digits.train)) if i not in set(held_idx.tolist())][:8])
-    images = digits.train.images[:2]
-    clean = DistilledSet(images, digits.train.labels[:2], source_indices=free.view(2, 4))
-    assert check_heldout(clean, held_idx, PER_CLASS) is True
-    dirty = DistilledSet(images, digits.train.labels[:2],
-                         source_indices=torch.cat([free[:7], held_idx[:1]]).view(2, 4))
-    with pytest.raises(HeldoutOverlap, match="1 of the distilled"):
-        check_heldout(dirty, held_idx, PER_CLASS)
+STUDY = """\
+name: held
+dataset: {{name: digits{extra}}}
+teachers:
+  - {{arch: convnet2-w8, epochs: 1}}
+methods:
+  - {{name: random_real, ipc: 10}}
+protocol:
+  overrides:
+    student: convnet2-w8
+    epochs: 2
+    batch_size: 32
+    labels: {{mode: hard}}
+    augment: {{flip: false}}
+    eval: {{interval: {interval}}}
+seeds: [0]
+"""
 
 
-def test_sets_without_source_images_are_not_checked_and_say_so(digits):
-    gen = torch.Generator().manual_seed(0)
-    shape = tuple(digits.train.images.shape[1:])
-    noise = DistilledSet(torch.rand(20, *shape, generator=gen), torch.arange(10).repeat(2))
-    out = posteval(noise, digits, protocol(), {}, seed=0)
-    assert out["resolved"]["heldout"]["overlap_checked"] is False
+def study(tmp_path, extra="", interval=1, name="held"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(STUDY.format(extra=extra, interval=interval))
+    return path
+
+
+def test_cells_and_stages_of_a_carved_dataset_are_their_own(tmp_path):
+    whole = expand(load_study(study(tmp_path, name="whole")))
+    carved = expand(load_study(study(tmp_path, f", heldout_per_class: {PER_CLASS}")))
+    assert whole[0].config["dataset"] == {"name": "digits", "root": None}  # an uncarved dataset keys as before
+    assert carved[0].config["dataset"] == {"name": "digits", "root": None, "heldout_per_class": PER_CLASS,
+                                           "heldout_seed": HELDOUT_SEED}
+    assert whole[0].key != carved[0].key
+    store = ArtifactStore(tmp_path / "artifacts")
+    synth = [{n.key for n in build_plan(cells, store).nodes.values() if n.stage == "synth"} for cells in (whole, carved)]
+    assert not synth[0] & synth[1]
+    # What a worker loads for every stage of the carved cells (teacher pretraining included).
+    loaded = _get_dataset(carved[0].config["dataset"])
+    assert len(loaded.train) == 1347 - 10 * PER_CLASS and len(loaded.heldout) == 10 * PER_CLASS
+    assert _get_dataset(whole[0].config["dataset"]).heldout is None
+
+
+def test_a_carved_study_runs_through_the_workers(tmp_path):
+    cells = expand(load_study(study(tmp_path, f", heldout_per_class: {PER_CLASS}")))
+    plan = build_plan(cells, ArtifactStore(tmp_path / "artifacts"))
+    out = {}
+    for node in sorted(plan.nodes.values(), key=lambda n: STAGES.index(n.stage)):
+        out[node.stage] = run_node(node.stage, node.key, node.payload, str(tmp_path / "artifacts"), threads=1)
+    result = out["posteval"]
+    assert result["dataset"]["heldout"]["per_class"] == PER_CLASS  # the record says what was carved
+    evaluated = {r["epoch"]: r["test_top1"] for r in result["epochs"] if "test_top1" in r}
+    assert result["metrics"]["top1_heldout_selected"] in evaluated.values()
+
+
+@pytest.mark.parametrize("extra, interval, fragment", [
+    (", heldout_per_class: -1", 1, "dataset.heldout_per_class: expected >= 0, got -1"),
+    (", heldout_per_class: 130", 1, "dataset.heldout_per_class: expected less than 130, the training images of "
+                                    "the smallest class ('digits' class 8), so every class keeps one; got 130"),
+    (", heldout_per_class: 3", 0, "dataset.heldout_per_class: selecting an epoch on the held-out split needs "
+                                  "eval.interval > 0"),
+])
+def test_validation_names_the_key(tmp_path, extra, interval, fragment):
+    path = study(tmp_path, extra, interval)
+    line = path.read_text().splitlines().index(f"dataset: {{name: digits{extra}}}") + 1
+    with pytest.raises(StudyError) as err:
+        expand(load_study(path))
+    assert any(m.startswith(f"{path}:{line}: ") and fragment in m for m in err.value.messages), err.value.messages
+
+
+def test_heldout_is_no_longer_a_protocol_setting():
+    with pytest.raises(Exception, match="heldout_per_class.*unknown key"):
+        build(Protocol, {"eval": {"interval": 1, "heldout_per_class": 3}})

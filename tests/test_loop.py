@@ -7,8 +7,7 @@ import torch
 
 from rd3core import Runtime
 from rd3core.config import build
-from rd3core.data import Split
-from rd3core.data import load_dataset
+from rd3core.data import Split, carve_heldout, load_dataset
 from rd3core.labels import EpochwiseLabels, HardLabels, TeacherEnsemble
 from rd3core.loop import draw_views, evaluate, make_batch, make_optimizer, train
 from rd3core.pipeline import TeacherSpec, build_model, posteval, train_teacher
@@ -176,9 +175,9 @@ def test_ema_weights_are_what_is_evaluated(digits, distilled):
 
 
 def test_eval_interval_best_on_test_and_heldout_are_named_apart(digits, distilled):
-    p = protocol(labels={"mode": "hard"}, epochs=4, eval={"interval": 2, "record_best_on_test": True,
-                                                          "heldout_per_class": 3})
-    out = posteval(distilled, digits, p, {}, seed=0)
+    p = protocol(labels={"mode": "hard"}, epochs=4, eval={"interval": 2, "record_best_on_test": True})
+    carved = carve_heldout(digits, 3)  # the held-out split is the dataset's (tests/test_heldout.py)
+    out = posteval(synthesize("random_real", carved, None, RandomRealParams(ipc=4), seed=0), carved, p, {}, seed=0)
     evaluated = [r["epoch"] for r in out["epochs"] if "test_top1" in r]
     assert evaluated == [2, 4]
     m = out["metrics"]
