@@ -49,7 +49,9 @@ from rd3core.protocol import Protocol, batch_size_for  # noqa: E402
 SPLIT_SIZES = {"digits": (1437, 360), "cifar10": (50000, 10000), "cifar100": (50000, 10000),
                "tinyimagenet": (100000, 10000), "imagenet1k": (1281167, 50000),
                "imagenette": (9469, 3925), "imagewoof": (9025, 3929)}
-MAX_BATCH = 64  # measure at most this batch: seconds per image barely change beyond it
+# Measure at most this batch (64 images at 32 px, fewer at larger sizes): seconds per
+# image barely change beyond it, and a 224-px step on a CPU takes long enough.
+MAX_PIXELS = 64 * 32 * 32
 
 
 class Timer:
@@ -61,7 +63,7 @@ class Timer:
         self.cache: dict[tuple, float] = {}
 
     def per_image(self, arch: str, train: bool, batch: int, threads: int) -> float:
-        batch = max(1, min(batch, MAX_BATCH))
+        batch = max(1, min(batch, MAX_PIXELS // (self.info.size * self.info.size) or 4))
         key = (arch, train, batch, threads)
         if key not in self.cache:
             torch.set_num_threads(threads)
@@ -149,6 +151,9 @@ def main(argv=None) -> dict:
     for name in SPLIT_SIZES:  # the estimate needs no data: any existing path satisfies validation
         os.environ.setdefault(f"RD3_DATA_{name.upper()}", tempfile.gettempdir())
     study = load_study(args.study)
+    if study.spec.dataset.name not in SPLIT_SIZES:
+        sys.exit(f"error: {args.study}: dataset {study.spec.dataset.name!r}: its split sizes are not known here "
+                 f"(known: {', '.join(SPLIT_SIZES)})")
     cells = expand(study)
     with tempfile.TemporaryDirectory() as tmp:
         plan = assign_resources(build_plan(cells, ArtifactStore(Path(tmp))), study.spec.resources)
