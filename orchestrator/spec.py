@@ -15,7 +15,7 @@ from typing import Any
 
 from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
 from rd3core.data import (DATASETS, HELDOUT_SEED, DatasetInfo, check_location, data_env_var, dataset_info,
-                          load_dataset, train_class_counts)
+                          heldout_problem, load_dataset)
 from rd3core.pipeline import TeacherSpec
 from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
@@ -57,12 +57,9 @@ class DatasetSpec:
             return
         if self.heldout_per_class > 0:
             # Only then is the data read (its labels bound the carve): every class keeps a training image.
-            counts = train_class_counts(load_dataset(self.name, self.root))
-            smallest = min(counts)
-            if self.heldout_per_class >= smallest:
-                yield "heldout_per_class", (f"expected less than {smallest}, the training images of the smallest "
-                                            f"class ({self.name!r} class {counts.index(smallest)}), so every class "
-                                            f"keeps one; got {self.heldout_per_class}")
+            problem = heldout_problem(load_dataset(self.name, self.root), self.heldout_per_class)
+            if problem:
+                yield "heldout_per_class", problem
 
     @property
     def info(self) -> DatasetInfo:

@@ -124,6 +124,19 @@ def train_class_counts(dataset: Dataset) -> list[int]:
     return torch.bincount(dataset.train.labels, minlength=dataset.info.num_classes).tolist()
 
 
+def heldout_problem(dataset: Dataset, per_class: int) -> str | None:
+    """What is wrong with carving ``per_class`` held-out images per class out of
+    ``dataset`` (every class must keep a training image), or None."""
+    if per_class < 0:
+        return f"expected >= 0, got {per_class}"
+    counts = train_class_counts(dataset)
+    smallest = min(counts)
+    if per_class >= smallest:
+        return (f"expected less than {smallest}, the training images of the smallest class "
+                f"({dataset.info.name!r} class {counts.index(smallest)}), so every class keeps one; got {per_class}")
+    return None
+
+
 def carve_heldout(dataset: Dataset, per_class: int, seed: int = HELDOUT_SEED) -> Dataset:
     """``dataset`` with ``per_class`` training images of every class moved out of
     ``train`` into ``heldout`` (a class-balanced draw from ``seed``), for choosing
@@ -134,18 +147,13 @@ def carve_heldout(dataset: Dataset, per_class: int, seed: int = HELDOUT_SEED) ->
     image can be one. ``record["heldout"]`` says what was carved and the
     fingerprint differs from the whole dataset's. ``per_class`` 0 returns
     ``dataset`` itself; every class must keep at least one training image."""
-    if per_class < 0:
-        raise ValueError(f"heldout_per_class: expected >= 0, got {per_class}")
     if dataset.heldout is not None:
         raise ValueError(f"dataset {dataset.info.name!r} already has a held-out split: carve the whole dataset")
+    problem = heldout_problem(dataset, per_class)
+    if problem:
+        raise ValueError(f"heldout_per_class: {problem}")
     if per_class == 0:
         return dataset
-    counts = train_class_counts(dataset)
-    smallest = min(counts)
-    if per_class >= smallest:
-        raise ValueError(f"heldout_per_class: expected less than {smallest}, the training images of the smallest "
-                         f"class ({dataset.info.name!r} class {counts.index(smallest)}), so every class keeps one; "
-                         f"got {per_class}")
     gen = generator(seed, "heldout")
     labels = dataset.train.labels
     picks = []

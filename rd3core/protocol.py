@@ -131,7 +131,6 @@ class EvalSpec:
     # Selecting an epoch on held-out real training images is a property of the
     # dataset (rd3core.data.carve_heldout; a study's dataset.heldout_per_class):
     # posteval evaluates on dataset.heldout at these epochs when it has one.
-
     # Also record the best test accuracy over evaluated epochs, under a name
     # that says it was selected on the test set (some papers report this).
     record_best_on_test: bool = False
