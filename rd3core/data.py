@@ -295,7 +295,7 @@ def family_for_size(size: int) -> str:
 
 
 def _imagefolder_info(root: str | None) -> DatasetInfo:
-    from .imagefiles import read_facts
+    from .userfolder import read_facts
 
     path = Path(_root_from_env("imagefolder", root)).expanduser()
     facts = read_facts(path, "imagefolder")
