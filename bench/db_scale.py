@@ -1,7 +1,8 @@
 """Results database at scale: 100,000 cells with results and 10 epochs each.
 
-Writes go through the driver's own calls (db.records, one transaction to start
-each attempt and one per result, as orchestrator.recorder does), then
+Writes go through the driver's own calls (db.records on one held connection,
+one transaction to start each attempt and one per result, as
+orchestrator.recorder does), then
 results_frame loads the whole study; then the same results again through the
 bulk-import path (records.import_results, 1,000 results per transaction). SQLite always; PostgreSQL too when
 --postgres URL or RD3_TEST_POSTGRES_URL names one (a database is created and
@@ -76,16 +77,17 @@ def run(url: str, n: int, label: str) -> dict:
         ids = records.sync_cells(s, study, cells)
     sync_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i, cell in enumerate(cells):
-        cell_id = ids[cell["cell_key"]]
-        with engine.begin() as s:  # the driver, when it hands the job over
-            attempt = records.start_attempt(s, cell_id)
-        metrics, history = result(i)
-        with engine.begin() as s:  # the driver, when the result arrives: one transaction
-            records.record_result(s, cell_id, metrics, history, attempt_id=attempt)
-            records.finish_attempt(s, attempt, AttemptStatus.done, host="bench", device="cpu",
-                                   started_at=datetime.now(timezone.utc))
-            records.record_provenance(s, attempt, seed=cell["seed"], **PROVENANCE)
+    with engine.connect() as conn:  # the driver's one connection (orchestrator.recorder)
+        for i, cell in enumerate(cells):
+            cell_id = ids[cell["cell_key"]]
+            with conn.begin():  # the driver, when it hands the job over
+                attempt = records.start_attempt(conn, cell_id)
+            metrics, history = result(i)
+            with conn.begin():  # the driver, when the result arrives: one transaction
+                records.record_result(conn, cell_id, metrics, history, attempt_id=attempt)
+                records.finish_attempt(conn, attempt, AttemptStatus.done, host="bench", device="cpu",
+                                       started_at=datetime.now(timezone.utc))
+                records.record_provenance(conn, attempt, seed=cell["seed"], **PROVENANCE)
     insert_s = time.perf_counter() - t0
     frame_s = []
     for _ in range(2):  # the first read also warms the OS cache

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from .models import (EPOCH_FLOATS, Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, CellStatus,
                      EpochMetric, Metric, Provenance, Study, utcnow)
+from .prepared import Prepared
 from .types import UTCDateTime, encode_factor, split_float
 
 Tx = Session | Connection  # one transaction: session_scope(engine) or engine.begin()
@@ -78,30 +79,30 @@ def check_metric_name(name: str) -> str:
     return name
 
 
-# The per-result statements, built once: Core on the session's connection,
-# so a result costs a few executes rather than ORM bookkeeping (bench/db_scale.py).
+# The per-result statements, compiled once per dialect and run on the DBAPI
+# cursor (db.prepared: a result is about ten of them, bench/db_scale.py).
 _metric, _epoch, _cell, _attempt = (Metric.__table__, EpochMetric.__table__, Cell.__table__, Attempt.__table__)
-_DELETE_METRICS = _metric.delete().where(_metric.c.cell_id == bindparam("cid"))
-_DELETE_EPOCHS = _epoch.delete().where(_epoch.c.cell_id == bindparam("cid"))
-_INSERT_METRICS = _metric.insert()
-_INSERT_EPOCHS = _epoch.insert()
-_SET_STATUS = _cell.update().where(_cell.c.id == bindparam("cid")).values(status=bindparam("new_status"))
-_SET_STATUS_OF_ATTEMPT = _cell.update().where(_cell.c.id == select(_attempt.c.cell_id).where(
-    _attempt.c.id == bindparam("aid")).scalar_subquery()).values(status=bindparam("new_status"))
+_DELETE_METRICS = Prepared(_metric.delete().where(_metric.c.cell_id == bindparam("cid")))
+_DELETE_EPOCHS = Prepared(_epoch.delete().where(_epoch.c.cell_id == bindparam("cid")))
+_INSERT_METRICS = Prepared(_metric.insert(), ("cell_id", "attempt_id", "name", "value", "is_nan"))
+_INSERT_EPOCHS = Prepared(_epoch.insert(), ("cell_id", "attempt_id", "epoch", "nan_fields") + EPOCH_FLOATS)
+_SET_STATUS = Prepared(_cell.update().where(_cell.c.id == bindparam("cid")).values(status=bindparam("new_status")))
+_SET_STATUS_OF_ATTEMPT = Prepared(_cell.update().where(_cell.c.id == select(_attempt.c.cell_id).where(
+    _attempt.c.id == bindparam("aid")).scalar_subquery()).values(status=bindparam("new_status")))
 _STATUS = _attempt.c.status.type
 # Number and insert in one statement: max(number) + 1 of the cell's attempts.
-_START_ATTEMPT = _attempt.insert().from_select(
+_START_ATTEMPT = Prepared(_attempt.insert().from_select(
     ["cell_id", "number", "status", "started_at", "heartbeat_at", "host", "device"],
     select(bindparam("cid", type_=Integer), func.coalesce(func.max(_attempt.c.number), 0) + 1,
            bindparam("new_status", type_=_STATUS), bindparam("at", type_=UTCDateTime),
            bindparam("at", type_=UTCDateTime), bindparam("host", type_=String), bindparam("device", type_=String))
-    .where(_attempt.c.cell_id == bindparam("cid"))).returning(_attempt.c.id)
-_FINISH_ATTEMPT = _attempt.update().where(_attempt.c.id == bindparam("aid")).values(
+    .where(_attempt.c.cell_id == bindparam("cid"))).returning(_attempt.c.id))
+_FINISH_ATTEMPT = Prepared(_attempt.update().where(_attempt.c.id == bindparam("aid")).values(
     status=bindparam("new_status"), ended_at=bindparam("at"), heartbeat_at=bindparam("at"),
     error_type=bindparam("error_type"), error_message=bindparam("error_message"), traceback=bindparam("tb"),
     **{c: func.coalesce(bindparam(c, type_=_attempt.c[c].type), _attempt.c[c]) for c in ("host", "device",
-                                                                                         "started_at")})
-_HEARTBEAT = _attempt.update().where(_attempt.c.id == bindparam("aid")).values(heartbeat_at=bindparam("at"))
+                                                                                         "started_at")}))
+_HEARTBEAT = Prepared(_attempt.update().where(_attempt.c.id == bindparam("aid")).values(heartbeat_at=bindparam("at")))
 
 
 def _metric_rows(cell_id: int, attempt_id: int | None, metrics: Mapping[str, float]) -> list[dict]:
@@ -132,40 +133,37 @@ def record_result(session: Tx, cell_id: int, metrics: Mapping[str, float], epoch
     metric_rows = _metric_rows(cell_id, attempt_id, metrics)
     epoch_rows = _epoch_rows(cell_id, attempt_id, epochs)
     conn = _conn(session)
-    conn.execute(_DELETE_METRICS, {"cid": cell_id})
-    conn.execute(_DELETE_EPOCHS, {"cid": cell_id})
-    if metric_rows:
-        conn.execute(_INSERT_METRICS, metric_rows)
-    if epoch_rows:
-        conn.execute(_INSERT_EPOCHS, epoch_rows)
+    _DELETE_METRICS.execute(conn, {"cid": cell_id})
+    _DELETE_EPOCHS.execute(conn, {"cid": cell_id})
+    _INSERT_METRICS.executemany(conn, metric_rows)
+    _INSERT_EPOCHS.executemany(conn, epoch_rows)
     if attempt_id is None:
         set_status(session, cell_id, CellStatus.done)
 
 
 def set_status(session: Tx, cell_id: int, status: CellStatus) -> None:
-    _conn(session).execute(_SET_STATUS, {"cid": cell_id, "new_status": status})
+    _SET_STATUS.execute(_conn(session), {"cid": cell_id, "new_status": status})
 
 
 def start_attempt(session: Tx, cell_id: int, host: str | None = None, device: str | None = None,
                   started_at: datetime | None = None) -> int:
     """A new running attempt of ``cell_id`` (numbered from 1); returns its id."""
     conn = _conn(session)
-    attempt_id = conn.execute(_START_ATTEMPT, {"cid": cell_id, "new_status": AttemptStatus.running,
-                                               "at": started_at or utcnow(), "host": host, "device": device}).scalar()
+    attempt_id = _START_ATTEMPT.scalar(conn, {"cid": cell_id, "new_status": AttemptStatus.running,
+                                              "at": started_at or utcnow(), "host": host, "device": device})
     set_status(session, cell_id, CellStatus.running)
     return attempt_id
 
 
 def heartbeat(session: Tx, attempt_id: int, at: datetime | None = None) -> None:
-    _conn(session).execute(_HEARTBEAT, {"aid": attempt_id, "at": at or utcnow()})
+    _HEARTBEAT.execute(_conn(session), {"aid": attempt_id, "at": at or utcnow()})
 
 
 def heartbeats(session: Tx, attempt_ids: Iterable[int], at: datetime | None = None) -> None:
     """``heartbeat`` for many attempts in one statement (the driver's periodic beat)."""
     at = at or utcnow()
     rows = [{"aid": a, "at": at} for a in attempt_ids]
-    if rows:
-        _conn(session).execute(_HEARTBEAT, rows)
+    _HEARTBEAT.executemany(_conn(session), rows)
 
 
 def finish_attempt(session: Tx, attempt_id: int, status: AttemptStatus, *, error_type: str | None = None,
@@ -179,10 +177,10 @@ def finish_attempt(session: Tx, attempt_id: int, status: AttemptStatus, *, error
     if status not in (AttemptStatus.done, AttemptStatus.failed):
         raise ValueError(f"an attempt finishes as done or failed, not {status!r}")
     conn = _conn(session)
-    conn.execute(_FINISH_ATTEMPT, {"aid": attempt_id, "new_status": status, "at": ended_at or utcnow(),
+    _FINISH_ATTEMPT.execute(conn, {"aid": attempt_id, "new_status": status, "at": ended_at or utcnow(),
                                    "error_type": error_type, "error_message": error_message, "tb": traceback,
                                    "host": host, "device": device, "started_at": started_at})
-    conn.execute(_SET_STATUS_OF_ATTEMPT, {"aid": attempt_id, "new_status": status})
+    _SET_STATUS_OF_ATTEMPT.execute(conn, {"aid": attempt_id, "new_status": status})
 
 
 def abandon_attempts(session: Session, study_id: int, reason: str) -> int:
@@ -235,17 +233,16 @@ def import_results(session: Tx, results: Sequence[Mapping[str, Any]]) -> list[in
                 raise ValueError(f"unknown provenance fields {sorted(unknown)}")
             provenance_rows.append({**dict.fromkeys(PROVENANCE_FIELDS), "env": {}, **r["provenance"],
                                     "attempt_id": attempt_id, "recorded_at": now})
-    for statement, rows in ((_INSERT_METRICS, metric_rows), (_INSERT_EPOCHS, epoch_rows),
-                            (_INSERT_PROVENANCE, provenance_rows)):
-        if rows:
-            conn.execute(statement, rows)
-    if cell_ids:
-        conn.execute(_SET_STATUS, [{"cid": c, "new_status": CellStatus.done} for c in cell_ids])
+    _INSERT_METRICS.executemany(conn, metric_rows)
+    _INSERT_EPOCHS.executemany(conn, epoch_rows)
+    _INSERT_PROVENANCE.executemany(conn, provenance_rows)
+    _SET_STATUS.executemany(conn, [{"cid": c, "new_status": CellStatus.done} for c in cell_ids])
     return ids
 
 
 PROVENANCE_FIELDS = frozenset(c.name for c in Provenance.__table__.columns) - {"attempt_id", "recorded_at"}
-_INSERT_PROVENANCE = Provenance.__table__.insert()
+_INSERT_PROVENANCE = Prepared(Provenance.__table__.insert(),
+                              sorted(PROVENANCE_FIELDS) + ["attempt_id", "recorded_at"])
 
 
 def record_provenance(session: Tx, attempt_id: int, **fields: Any) -> None:
@@ -256,8 +253,8 @@ def record_provenance(session: Tx, attempt_id: int, **fields: Any) -> None:
     if unknown:
         raise ValueError(f"unknown provenance fields {sorted(unknown)} (known: {sorted(PROVENANCE_FIELDS)})")
     fields.setdefault("env", {})
-    _conn(session).execute(_INSERT_PROVENANCE, {"attempt_id": attempt_id, "recorded_at": utcnow(),
-                                                      **dict.fromkeys(PROVENANCE_FIELDS), **fields})
+    _INSERT_PROVENANCE.execute(_conn(session), {"attempt_id": attempt_id, "recorded_at": utcnow(),
+                                                **dict.fromkeys(PROVENANCE_FIELDS), **fields})
 
 
 def record_artifact(session: Tx, stage: str, key: str, path: str, bytes: int, sha256: str,
@@ -271,10 +268,12 @@ def record_artifact(session: Tx, stage: str, key: str, path: str, bytes: int, sh
                                                   config=dict(config), created_at=utcnow()).returning(Artifact.id))
 
 
+_USE_ARTIFACT = Prepared(ArtifactUse.__table__.insert(), ("attempt_id", "artifact_id"))
+
+
 def use_artifacts(session: Tx, attempt_id: int, artifact_ids: Iterable[int]) -> None:
-    rows = [{"attempt_id": attempt_id, "artifact_id": a} for a in dict.fromkeys(artifact_ids)]
-    if rows:
-        session.execute(insert(ArtifactUse), rows)
+    _USE_ARTIFACT.executemany(_conn(session), [{"attempt_id": attempt_id, "artifact_id": a}
+                                               for a in dict.fromkeys(artifact_ids)])
 
 
 def finish_study(session: Session, study_id: int) -> None:

@@ -1,17 +1,19 @@
 """What the driver writes for each job: an attempt per run of a cell (running
 when handed to the executor, then done or failed), its provenance, the stage
 artifacts produced and used, and the result itself, each outcome in one
-transaction (``engine.begin()``: a Core connection costs less per result than an
-ORM session). The driver is the only writer; workers report back as plain data.
+transaction on one Core connection held for the run (per result, an ORM
+session or a pool checkout would cost more than the statements themselves).
+The driver is the only writer; workers report back as plain data.
 """
 from __future__ import annotations
 
 import subprocess
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import records
@@ -66,27 +68,41 @@ class Recorder:
         self.cell_ids, self.seeds = cell_ids, seeds
         self.checkout = checkout_state()
         self.attempts: dict[str, int] = {}  # cell key -> its attempt in flight
+        self.conn = engine.connect()  # closed by close()
+        # (stage, key) -> artifact row id, once committed: a distilled set or
+        # teacher is used by many cells, its row is looked up once per run.
+        self.artifact_ids: dict[tuple[str, str], int] = {}
+        self._recorded: dict[tuple[str, str], int] = {}  # in the open transaction
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction on the held connection: committed on exit, rolled
+        back on any error (the connection stays usable)."""
+        self._recorded = {}
+        with self.conn.begin():
+            yield self.conn
+        self.artifact_ids.update(self._recorded)
 
     def submitted(self, node: Node) -> None:
         if node.stage == "posteval":
-            with self.engine.begin() as s:
+            with self.transaction() as s:
                 self.attempts[node.key] = records.start_attempt(s, self.cell_ids[node.key])
 
     def heartbeat(self, nodes: list[Node]) -> None:
         """Their jobs are alive: one transaction for all their attempts."""
         alive = [self.attempts[n.key] for n in nodes if n.stage == "posteval" and n.key in self.attempts]
         if alive:
-            with self.engine.begin() as s:
+            with self.transaction() as s:
                 records.heartbeats(s, alive)
 
     def stage_done(self, node: Node) -> None:
-        with self.engine.begin() as s:
+        with self.transaction() as s:
             self._artifact(s, node)
 
     def cell_done(self, outcome: Outcome, metrics: dict[str, float]) -> None:
         key, result = outcome.node.key, outcome.result
         attempt = self.attempts[key]
-        with self.engine.begin() as s:  # one transaction per result, committed as it arrives
+        with self.transaction() as s:  # one transaction per result, committed as it arrives
             records.record_result(s, self.cell_ids[key], metrics, result["epochs"], attempt_id=attempt)
             records.finish_attempt(s, attempt, AttemptStatus.done, host=result["env"].get("host"),
                                    device=result.get("runtime", {}).get("device"),
@@ -98,7 +114,7 @@ class Recorder:
 
     def cell_failed(self, outcome: Outcome) -> None:
         key, failure = outcome.node.key, outcome.failure
-        with self.engine.begin() as s:
+        with self.transaction() as s:
             attempt = self.attempts.get(key)
             if attempt is None:  # never handed over: a stage it needs failed
                 attempt = records.start_attempt(s, self.cell_ids[key])
@@ -112,23 +128,27 @@ class Recorder:
         failed as ``Interrupted`` (a plain rerun runs them again). Best effort:
         if the database itself is what failed, the next run marks them
         (records.abandon_attempts) and the first error stands."""
-        if not self.attempts:
-            return
         try:
-            with self.engine.begin() as s:
-                for attempt in self.attempts.values():
-                    records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=failures.INTERRUPTED,
-                                           error_message=reason)
+            if self.attempts:
+                with self.transaction() as s:
+                    for attempt in self.attempts.values():
+                        records.finish_attempt(s, attempt, AttemptStatus.failed, error_type=failures.INTERRUPTED,
+                                               error_message=reason)
         except SQLAlchemyError:
             pass
-        self.attempts.clear()
+        finally:
+            self.attempts.clear()
+            self.conn.close()  # a no-op the second time
 
-    def _artifact(self, session, node: Node) -> int | None:
-        info = self.store.info(node.stage, node.key, verify=False)
-        if info is None:
-            return None
-        return records.record_artifact(session, node.stage, node.key, str(info.path.resolve()), info.bytes,
-                                       info.sha256, node.payload)
+    def _artifact(self, conn: Connection, node: Node) -> int | None:
+        found = self.artifact_ids.get((node.stage, node.key))
+        if found is None:
+            info = self.store.info(node.stage, node.key, verify=False)
+            if info is None:
+                return None
+            found = self._recorded[node.stage, node.key] = records.record_artifact(
+                conn, node.stage, node.key, str(info.path.resolve()), info.bytes, info.sha256, node.payload)
+        return found
 
 
 class Announcing:
