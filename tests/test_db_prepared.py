@@ -12,7 +12,7 @@ from db import records
 from db.models import Attempt, AttemptStatus, Provenance
 from db.prepared import Prepared
 from db.session import session_scope
-from tests.db_helpers import cell_dicts, make_study
+from db_helpers import cell_dicts, make_study
 
 _attempt = Attempt.__table__
 
