@@ -104,6 +104,24 @@ def test_runs_on_a_cluster_and_a_node_that_dies_mid_job_has_its_cell_rescheduled
         assert rows(out / "rd3.sqlite", "SELECT count(*) FROM cell c JOIN study s ON s.id = c.study_id "
                                         "WHERE s.name = 'c2' AND c.status = 'done'") == [(1,)]
         assert nodes[0].poll() is None and listening(port)
+
+        # Ctrl-C while a job runs on the cluster: the job is cancelled there, the
+        # attempt is recorded as interrupted, the cluster stays up.
+        long_study = tiny_study("cc", STUDY.format(name="cc").replace("epochs: 150", "epochs: 100000")
+                                .replace("seeds: [0, 1]", "seeds: [4]"))
+        driver = start_cli("run", str(long_study), "--out", str(out))
+        job = wait_for(lambda: next((p for n in nodes[1:] for p in descendants(n.pid)
+                                     if title(p).startswith("ray::rd3:posteval")), None),
+                       180, "the long job on a worker node", driver)
+        driver.send_signal(signal.SIGINT)
+        code, stdout, stderr = finish(driver, timeout=120)
+        assert code == 130, stdout + stderr
+        assert "resume with: python -m orchestrator run" in stderr
+        wait_for(lambda: not title(job).startswith("ray::rd3:posteval"), 60, "the cancelled job to stop")
+        assert rows(out / "rd3.sqlite", "SELECT a.status, a.error_type FROM attempt a JOIN cell c ON c.id = a.cell_id "
+                                        "JOIN study s ON s.id = c.study_id WHERE s.name = 'cc'") == [
+            ("failed", "Interrupted")]
+        assert nodes[0].poll() is None and listening(port)
     finally:
         started += [p for n in nodes for p in descendants(n.pid)]
         for node in reversed(nodes):
