@@ -2,12 +2,14 @@
 when handed to the executor, then done or failed), its provenance, the stage
 artifacts produced and used, and the result itself, each outcome in one
 transaction on one Core connection held for the run (per result, an ORM
-session or a pool checkout would cost more than the statements themselves).
+session or a pool checkout would cost more than the statements themselves;
+after a quiet spell it is taken from the pool afresh, see IDLE_RECHECK_S).
 The driver is the only writer; workers report back as plain data.
 """
 from __future__ import annotations
 
 import subprocess
+import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +27,11 @@ from .plan import Node, Plan
 from .runner import Outcome
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# A connection unused this long goes back to the pool and is taken out again
+# before the next write: the pool's pre-ping (PostgreSQL) then replaces one that
+# the server or the network dropped while long jobs ran. Results that arrive
+# faster than this keep the one connection.
+IDLE_RECHECK_S = 30.0
 
 
 def checkout_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
@@ -69,6 +76,7 @@ class Recorder:
         self.checkout = checkout_state()
         self.attempts: dict[str, int] = {}  # cell key -> its attempt in flight
         self.conn = engine.connect()  # closed by close()
+        self.used_at = time.monotonic()
         # (stage, key) -> artifact row id, once committed: a distilled set or
         # teacher is used by many cells, its row is looked up once per run.
         self.artifact_ids: dict[tuple[str, str], int] = {}
@@ -78,9 +86,15 @@ class Recorder:
     def transaction(self) -> Iterator[Connection]:
         """One transaction on the held connection: committed on exit, rolled
         back on any error (the connection stays usable)."""
+        if time.monotonic() - self.used_at > IDLE_RECHECK_S:
+            self.conn.close()
+            self.conn = self.engine.connect()
         self._recorded = {}
-        with self.conn.begin():
-            yield self.conn
+        try:
+            with self.conn.begin():
+                yield self.conn
+        finally:
+            self.used_at = time.monotonic()
         self.artifact_ids.update(self._recorded)
 
     def submitted(self, node: Node) -> None:

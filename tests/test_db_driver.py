@@ -147,3 +147,31 @@ def test_failures_keep_type_and_traceback(db_engine, tmp_path):
         assert third.error_message == "synth s1 failed: ValueError: bad"
         assert s.get(Provenance, first.id).seed == 4
         assert {c.status.value for c in s.scalars(select(Cell))} == {"failed"}
+
+
+def test_the_recorder_replaces_a_connection_dropped_between_results(db_engine, db_url, tmp_path, monkeypatch):
+    """Jobs run for hours; the server or the network may drop the driver's idle
+    connection meanwhile. The next write takes a live one (PostgreSQL: the
+    server really ends the recorder's session here)."""
+    cells = cell_dicts({"x": [1, 2]}, seeds=[0])
+    ids = make_study(db_engine, "dropped", cells)
+    keys = [c["cell_key"] for c in cells]
+    plan = Plan()
+    for key in keys:
+        plan.add(Node("posteval", key, (), {}))
+    recorder = Recorder(db_engine, ArtifactStore(tmp_path / "store"), plan, ids, {k: 0 for k in keys})
+    recorder.submitted(plan.nodes[f"posteval:{keys[0]}"])
+    if db_url.startswith("postgresql"):
+        pid = recorder.conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        recorder.conn.rollback()
+        admin = make_engine(db_url)
+        with admin.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar() is True
+        admin.dispose()
+    monkeypatch.setattr("orchestrator.recorder.IDLE_RECHECK_S", 0.0)  # as after a long job
+    recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"], failure=Failure("RuntimeError", "x", "tb")))
+    recorder.submitted(plan.nodes[f"posteval:{keys[1]}"])
+    recorder.close("stopped")
+    with session_scope(db_engine) as s:
+        assert sorted((a.status.value, a.error_type) for a in s.scalars(select(Attempt))) == [
+            ("failed", "Interrupted"), ("failed", "RuntimeError")]
