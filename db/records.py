@@ -178,8 +178,8 @@ def finish_attempt(session: Tx, attempt_id: int, status: AttemptStatus, *, error
         raise ValueError(f"an attempt finishes as done or failed, not {status!r}")
     conn = _conn(session)
     _FINISH_ATTEMPT.execute(conn, {"aid": attempt_id, "new_status": status, "at": ended_at or utcnow(),
-                                   "error_type": error_type, "error_message": error_message, "tb": traceback,
-                                   "host": host, "device": device, "started_at": started_at})
+                                    "error_type": error_type, "error_message": error_message, "tb": traceback,
+                                    "host": host, "device": device, "started_at": started_at})
     _SET_STATUS_OF_ATTEMPT.execute(conn, {"aid": attempt_id, "new_status": status})
 
 
