@@ -1,13 +1,16 @@
 """Loading a study's cells, typed factors and metrics into numpy/pandas fast.
 
 A 100,000-cell study has about a million metric rows; what costs is turning
-each row into Python objects. So rows go from the driver's cursor straight
+each row into Python objects. So the metrics are read from the packed copy on
+each cell row (db.types.pack_metrics: one row per cell, decoded by numpy per
+distinct set of names), the other rows go from the driver's cursor straight
 into numpy (np.fromiter over the cursor: no SQLAlchemy Row, no list of tuples),
 the pivot is numpy indexing, and the database is asked for a cell-id range
 rather than a join (exact membership is a numpy mask afterwards).
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -15,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, String, func, select, type_coerce
 
-from .models import Cell, CellFactor, CellStatus, Metric, Study
+from .models import Cell, CellFactor, CellStatus, Study
 from .types import FactorKind, decode_factor
 
 _CELL_ID = ("cell_id", np.int64)
@@ -34,14 +37,15 @@ def _rows(conn: Connection, query, dtype: list[tuple[str, Any]]) -> np.ndarray:
 
 
 class StudyCells:
-    """The finished cells of one study: sorted ids, keys and seeds."""
+    """The finished cells of one study: sorted ids, keys, seeds and packed metrics."""
 
     def __init__(self, conn: Connection, study: str):
         self.conn = conn
-        cells = _rows(conn, select(Cell.id, Cell.cell_key, Cell.seed).join(Study)
-                      .where(Study.name == study, Cell.status == CellStatus.done).order_by(Cell.id),
-                      [_CELL_ID, ("cell_key", object), ("seed", np.int64)])
+        cells = _rows(conn, select(Cell.id, Cell.cell_key, Cell.seed, Cell.metric_names, Cell.metric_values)
+                      .join(Study).where(Study.name == study, Cell.status == CellStatus.done).order_by(Cell.id),
+                      [_CELL_ID, ("cell_key", object), ("seed", np.int64), ("names", object), ("packed", object)])
         self.ids, self.keys, self.seeds = cells["cell_id"], cells["cell_key"], cells["seed"]
+        self._names, self._packed = cells["names"], cells["packed"]
         # One study in the database: read whole tables (a scan beats an index
         # range here); otherwise only the study's id range.
         self.whole_tables = conn.execute(select(func.count()).select_from(Study)).scalar() == 1
@@ -114,14 +118,18 @@ class StudyCells:
 
     def metrics(self) -> pd.DataFrame:
         """One float64 column per metric name; NaN where a cell lacks it (and
-        where it is NaN: stored as NULL + is_nan, both read as NaN here)."""
-        rows = _rows(self.conn, self.restrict(select(Metric.cell_id, Metric.name, Metric.value), Metric.cell_id),
-                     [_CELL_ID, ("name", object), ("value", np.float64)])
-        pos, mask = self.positions(rows["cell_id"])
-        codes, names = pd.factorize(rows["name"][mask])
-        wide = np.full((len(self), len(names)), math.nan)
-        wide[pos, codes] = rows["value"][mask]
-        return pd.DataFrame(wide, columns=list(names))
+        where it is NaN), from the packed copies: the cells that share a set of
+        names (usually all) are decoded as one float64 matrix."""
+        codes, name_sets = pd.factorize(self._names)  # NULL (a cell without metrics): code -1
+        columns: dict[str, np.ndarray] = {}
+        for code, text in enumerate(name_sets):
+            rows = np.flatnonzero(codes == code)
+            names = json.loads(text)
+            values = np.frombuffer(b"".join(self._packed[rows]), "<f8").reshape(len(rows), -1) \
+                if names else np.empty((len(rows), 0))
+            for j, name in enumerate(names):
+                columns.setdefault(name, np.full(len(self), math.nan))[rows] = values[:, j]
+        return pd.DataFrame(columns, columns=list(columns))
 
 
 def _objects(values: list) -> np.ndarray:

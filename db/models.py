@@ -7,8 +7,8 @@ import enum
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, Boolean, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        false)
+from sqlalchemy import (JSON, BigInteger, Boolean, Enum, Float, ForeignKey, Integer, LargeBinary, String, Text,
+                        UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .types import FactorKind, UTCDateTime, join_float
@@ -66,6 +66,11 @@ class Cell(Base):
     factors: Mapped[dict[str, Any]]  # factor path -> value, as expanded (typed copy: cell_factor)
     config: Mapped[dict[str, Any]]  # the full resolved config
     status: Mapped[CellStatus] = mapped_column(_status_column(), default=CellStatus.pending)
+    # A copy of the cell's metric rows (types.pack_metrics), written with them:
+    # results_frame reads one row per cell instead of one per metric. The metric
+    # table is the record; SQL reads that.
+    metric_names: Mapped[Optional[str]] = mapped_column(Text)
+    metric_values: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
 
     study: Mapped[Study] = relationship(back_populates="cells")
     metrics: Mapped[list["Metric"]] = relationship(back_populates="cell", cascade="all, delete-orphan",

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from .models import (EPOCH_FLOATS, Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, CellStatus,
                      EpochMetric, Metric, Provenance, Study, utcnow)
 from .prepared import Prepared
-from .types import UTCDateTime, encode_factor, split_float
+from .types import UTCDateTime, encode_factor, pack_metrics, split_float
 
 Tx = Session | Connection  # one transaction: session_scope(engine) or engine.begin()
 
@@ -86,6 +86,8 @@ _DELETE_METRICS = Prepared(_metric.delete().where(_metric.c.cell_id == bindparam
 _DELETE_EPOCHS = Prepared(_epoch.delete().where(_epoch.c.cell_id == bindparam("cid")))
 _INSERT_METRICS = Prepared(_metric.insert(), ("cell_id", "attempt_id", "name", "value", "is_nan"))
 _INSERT_EPOCHS = Prepared(_epoch.insert(), ("cell_id", "attempt_id", "epoch", "nan_fields") + EPOCH_FLOATS)
+_SET_PACK = Prepared(_cell.update().where(_cell.c.id == bindparam("cid")).values(
+    metric_names=bindparam("names"), metric_values=bindparam("packed")))
 _SET_STATUS = Prepared(_cell.update().where(_cell.c.id == bindparam("cid")).values(status=bindparam("new_status")))
 _SET_STATUS_OF_ATTEMPT = Prepared(_cell.update().where(_cell.c.id == select(_attempt.c.cell_id).where(
     _attempt.c.id == bindparam("aid")).scalar_subquery()).values(status=bindparam("new_status")))
@@ -114,6 +116,11 @@ def _metric_rows(cell_id: int, attempt_id: int | None, metrics: Mapping[str, flo
     return rows
 
 
+def _pack_row(cell_id: int, metrics: Mapping[str, float]) -> dict:
+    names, packed = pack_metrics(dict(metrics))
+    return {"cid": cell_id, "names": names, "packed": packed}
+
+
 def _epoch_rows(cell_id: int, attempt_id: int | None, epochs: Iterable[Mapping[str, Any]]) -> list[dict]:
     rows = []
     for row in epochs:
@@ -137,6 +144,7 @@ def record_result(session: Tx, cell_id: int, metrics: Mapping[str, float], epoch
     _DELETE_EPOCHS.execute(conn, {"cid": cell_id})
     _INSERT_METRICS.executemany(conn, metric_rows)
     _INSERT_EPOCHS.executemany(conn, epoch_rows)
+    _SET_PACK.execute(conn, _pack_row(cell_id, metrics))
     if attempt_id is None:
         set_status(session, cell_id, CellStatus.done)
 
@@ -236,6 +244,7 @@ def import_results(session: Tx, results: Sequence[Mapping[str, Any]]) -> list[in
     _INSERT_METRICS.executemany(conn, metric_rows)
     _INSERT_EPOCHS.executemany(conn, epoch_rows)
     _INSERT_PROVENANCE.executemany(conn, provenance_rows)
+    _SET_PACK.executemany(conn, [_pack_row(r["cell_id"], r["metrics"]) for r in results])
     _SET_STATUS.executemany(conn, [{"cid": c, "new_status": CellStatus.done} for c in cell_ids])
     return ids
 

@@ -67,6 +67,15 @@ def check_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; refuse a database from newer code."""
+    _migrate(engine, command.upgrade, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the schema back to ``revision`` (what an older release reads)."""
+    _migrate(engine, command.downgrade, revision)
+
+
+def _migrate(engine: Engine, step, revision: str) -> None:
     check_revision(engine)
     cfg = _config()
     try:
@@ -80,14 +89,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             try:
                 with conn.begin():
                     cfg.attributes["connection"] = conn
-                    command.upgrade(cfg, revision)
+                    step(cfg, revision)
                     # A write that changes nothing: a read-only file or server
                     # fails here, before any job runs, not at the first result.
                     conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
                     if engine.dialect.name == "sqlite":
                         broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                         if broken:
-                            raise DatabaseError(f"schema upgrade of {describe(engine.url)} would break foreign "
+                            raise DatabaseError(f"schema migration of {describe(engine.url)} would break foreign "
                                                 f"keys: {broken[:5]}")
             finally:
                 if engine.dialect.name == "sqlite":

@@ -9,6 +9,9 @@
   ``epoch_metric.nan_fields``, ``cell_factor.kind = 'float'`` with a NULL value);
   +-inf are stored as they are on both engines. The same rule on both engines,
   so raw SQL behaves the same on SQLite and PostgreSQL.
+- A cell's metrics are also packed on its row (``pack_metrics``: names as a
+  JSON array, values as little-endian float64, NaN and inf as they are), so
+  that reading a whole study costs one row per cell, not one per metric.
 - Factor levels: a typed key/value row per factor (kind + one value column), so
   a pivot never guesses whether "1" was an int, a float or a string.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import struct
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,6 +63,15 @@ def split_float(value: Any) -> tuple[float | None, bool]:
 
 def join_float(value: float | None, is_nan: bool) -> float | None:
     return math.nan if is_nan else value
+
+
+def pack_metrics(metrics: dict[str, float | None]) -> tuple[str, bytes]:
+    """A cell's metrics as (names, values): the names sorted, as a JSON array;
+    the values in that order as little-endian float64 (None becomes NaN, as
+    results_frame reads a missing value). db.frames decodes them."""
+    names = sorted(metrics)
+    values = [math.nan if metrics[n] is None else float(metrics[n]) for n in names]
+    return json.dumps(names), struct.pack(f"<{len(values)}d", *values)
 
 
 class FactorKind(str, enum.Enum):

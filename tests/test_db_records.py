@@ -176,6 +176,25 @@ def test_a_rerun_replaces_metrics_never_duplicates(db_engine):
     assert sorted(long.name) == ["top1"] and long.value.tolist() == [0.6] and long.attempt.tolist() == [2]
 
 
+def test_results_frame_metrics_are_the_metric_rows(db_engine):
+    """results_frame reads the packed copy on each cell row: it must say what
+    the metric rows say, whatever the cells reported (sets of names that
+    differ, NaN, infinities, a rerun that drops a metric, a bulk import)."""
+    ids = sorted(make_study(db_engine, "packed", cell_dicts({"x": [1, 2, 3, 4]}, seeds=[0])).values())
+    finish_cell(db_engine, ids[0], 0.5, final_loss=math.nan, dropped=1.0)
+    finish_cell(db_engine, ids[0], 0.51, final_loss=math.nan)  # the rerun no longer reports 'dropped'
+    finish_cell(db_engine, ids[1], 0.25, final_loss=math.inf, only_here=-math.inf)
+    finish_cell(db_engine, ids[2], 1 / 3)
+    with db_engine.begin() as tx:
+        records.import_results(tx, [{"cell_id": ids[3], "metrics": {"top1": 0.125, "final_loss": 2.5},
+                                     "epochs": []}])
+    frame = results_frame(db_engine, "packed").set_index("cell_key")
+    long = metrics_frame(db_engine, "packed").pivot(index="cell_key", columns="name", values="value")
+    assert sorted(frame.columns.drop(["seed", "x"])) == sorted(long.columns) == ["final_loss", "only_here", "top1"]
+    pd.testing.assert_frame_equal(frame[long.columns].sort_index(), long.sort_index(), check_names=False)
+    assert frame.final_loss.isna().sum() == 2 and frame.only_here.tolist().count(-math.inf) == 1
+
+
 @pytest.mark.parametrize("name,ok", [("top1", True), ("top1_best_on_test", True), ("top1_heldout_selected", True),
                                      ("heldout_selected_epoch", True), ("time_peak_memory_bytes", True),
                                      ("top1_best", False), ("max_acc", False), ("top5_selected", False)])

@@ -6,7 +6,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select
@@ -14,7 +13,7 @@ from sqlalchemy import select
 from db import records
 from db.models import Attempt, Base, Cell, CellFactor, EpochMetric, Metric
 from db.queries import epoch_frame, metrics_frame, results_frame
-from db.schema import _config, current_revision, head_revision, upgrade
+from db.schema import current_revision, downgrade, head_revision, upgrade
 from db.session import BUSY_TIMEOUT_S, DatabaseError, make_engine, session_scope
 from db_helpers import cell_dicts, finish_cell, make_study
 
@@ -23,7 +22,7 @@ def test_models_equal_the_migrated_schema(db_engine):
     with db_engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == []
-    assert current_revision(db_engine) == head_revision() == "0003"
+    assert current_revision(db_engine) == head_revision() == "0004"
 
 
 def test_sqlite_engine_pragmas(tmp_path):
@@ -112,10 +111,7 @@ def test_upgrade_from_0001_keeps_rows_and_fills_new_tables(db_url):
 
 
 def _downgrade(engine, revision):
-    cfg = _config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+    downgrade(engine, revision)
     assert current_revision(engine) == revision
 
 
