@@ -8,9 +8,10 @@ gives identical numbers (same code, same seeds, same thread count).
 
 A failed job is retried when its failure is transient (orchestrator.failures),
 at most ``max_retries`` times; a job that failed for good fails every job
-downstream of it with ``UpstreamFailed``. Ray jobs beat to a heartbeat board
-(orchestrator.worker); one whose beats stop or whose node leaves the cluster is
-cancelled and reported as a transient ``WorkerLost`` failure.
+downstream of it with ``UpstreamFailed``. Ray jobs beat to the run's heartbeat
+board (orchestrator.worker.Board, in the cluster's key-value store); one whose
+beats stop or whose node leaves the cluster is cancelled and reported as a
+transient ``WorkerLost`` failure.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from .failures import Failure
 from .plan import Node, Plan
 from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
 from .resources import Resources, ResourcesSpec
-from .worker import Heartbeats, run_job
+from .worker import Board, run_job
 
 LOST_AFTER_BEATS = 12  # a job whose heartbeats stopped for this many periods is lost
 
@@ -139,27 +141,12 @@ class RayExecutor:
         self.pending: dict[Any, tuple[Node, str]] = {}  # ref -> (node, heartbeat token)
         self.ready: deque[Any] = deque()
         self.lost: deque[Outcome] = deque()
-        self.forget: list[str] = []  # tokens the board may drop
         self.heartbeat_s = heartbeat_s
         self.on_tick: Callable[[list[Node]], None] | None = None
         self.serial = itertools.count()
         self.next_check = time.monotonic() + heartbeat_s
-        self.board = self._start_board()
-
-    def _start_board(self):
-        """The heartbeat actor, on the driver's node when it has one (a job's
-        beats then never depend on a third machine)."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        try:
-            here = self.ray.get_runtime_context().get_node_id()
-            strategy = NodeAffinitySchedulingStrategy(here, soft=True)
-            return self.ray.remote(num_cpus=0, max_restarts=0)(Heartbeats).options(
-                scheduling_strategy=strategy, name=f"rd3-heartbeats-{os.getpid()}-{id(self)}").remote()
-        except Exception as exc:  # noqa: BLE001 - Ray still reports dead workers; only frozen ones go unseen
-            print(f"warning: no heartbeat board ({type(exc).__name__}: {exc}); lost jobs are found only when Ray "
-                  "reports them", file=sys.stderr)
-            return None
+        self.board = Board(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        self.beats: dict[str, tuple[int, float]] = {}  # token -> (its beat count, when the driver saw it change)
 
     def submit(self, node: Node, resources: Resources) -> None:
         token = f"{node.id}#{next(self.serial)}"
@@ -193,7 +180,7 @@ class RayExecutor:
 
     def _collect(self, ref) -> Outcome:
         node, token = self.pending.pop(ref)
-        self.forget.append(token)
+        self.beats.pop(token, None)
         errors = self.ray.exceptions
         try:
             return outcome_of(node, self.ray.get(ref))
@@ -207,20 +194,22 @@ class RayExecutor:
         """Liveness: jobs that stopped beating or whose node is gone become
         WorkerLost failures; the rest are reported to ``on_tick``."""
         self.next_check = time.monotonic() + self.heartbeat_s
-        if self.board is None:
-            return
         try:
-            beats = self.ray.get(self.board.snapshot.remote(self.forget), timeout=max(30.0, self.heartbeat_s))
+            beats = self.board.read()
             alive_nodes = {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
         except Exception as exc:  # noqa: BLE001 - skip this round; Ray reports dead workers on its own
             print(f"warning: heartbeat check failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
-        self.forget = []
-        running = []
+        now = time.monotonic()
+        running, gone = [], []
         for ref, (node, token) in list(self.pending.items()):
             if token not in beats:
                 continue  # still queued: no judgement before its first beat
-            age, node_id, pid, host = beats[token]
+            count, node_id, pid, host = beats[token]
+            seen = self.beats.get(token)
+            if seen is None or seen[0] != count:
+                self.beats[token] = seen = (count, now)
+            age = now - seen[1]
             if node_id not in alive_nodes:
                 reason = f"its node {node_id[:12]} ({host}) left the cluster"
             elif age > LOST_AFTER_BEATS * self.heartbeat_s:
@@ -233,11 +222,21 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - its node may be gone already
                 pass
             del self.pending[ref]
-            self.forget.append(token)
+            del self.beats[token]
+            gone.append(token)
             self.lost.append(Outcome(node, failure=Failure(failures.WORKER_LOST, f"the {node.stage} job was "
                                                            f"lost: {reason}")))
+        if gone:
+            self._clear(gone)  # a lost job cannot clear its own key
         if self.on_tick is not None:
             self.on_tick(running)
+
+    def _clear(self, tokens: list[str] | None = None) -> None:
+        """Drop board keys: of ``tokens``, else of the whole run."""
+        try:
+            self.board.clear(tokens) if tokens is not None else self.board.clear_run()
+        except Exception:  # noqa: BLE001 - a stale key only costs a few bytes in the GCS
+            pass
 
     def slots(self) -> dict[str, float]:
         return {k: v for k, v in self.ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -249,6 +248,7 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - best effort while stopping
                 pass
         self.pending.clear()
+        self._clear()  # keys of cancelled jobs: a joined cluster keeps its key-value store
         if self.started:
             self.ray.shutdown()
 

@@ -2,12 +2,12 @@
 ``--executor local``): heartbeats, the job's memory limit, and failures
 returned as data.
 
-- Heartbeats: a thread sends ``beat(token, node, pid, host)`` to the run's
-  :class:`Heartbeats` actor every ``period`` seconds while the job runs. The
-  driver reads them to record liveness on the attempt rows and to declare a job
-  lost when its beats stop (its process is frozen, its machine gone or cut
-  off) or its node leaves the cluster; Ray alone reports a worker that *died*,
-  not one that stopped answering.
+- Heartbeats: a thread rewrites the job's key on the run's :class:`Board`
+  every ``period`` seconds while the job runs. The driver reads them to
+  record liveness on the attempt rows and to declare a job lost when its
+  beats stop (its process is frozen, its machine gone or cut off) or its node
+  leaves the cluster; Ray alone reports a worker that *died*, not one that
+  stopped answering.
 - Memory: a job with ``resources.memory`` and no GPU runs under an address-space
   cap (RLIMIT_AS) of that many bytes above what its process had mapped when the
   job started; allocations past it fail inside the job (a clean, recorded
@@ -18,11 +18,12 @@ returned as data.
   worker's own traceback (no exception crosses the wire, so nothing depends on
   unpickling the job's exception classes on the driver).
 
-This module imports nothing heavy at import time: the heartbeat actor's worker
-imports it and should not pay for torch.
+This module imports nothing heavy at import time, so that a job's heartbeats
+start before its worker's first ``import torch`` (seconds on a small machine).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import socket
@@ -30,51 +31,84 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import failures
 
 
-class Heartbeats:
-    """The run's heartbeat board, a Ray actor on the driver's node: when each
-    job token last beat (the actor's own clock, so clocks of other machines do
-    not matter), from which node, process and host."""
+NAMESPACE = b"rd3-heartbeats"
 
-    def __init__(self):
-        self.seen: dict[str, tuple[float, str, int, str]] = {}
 
-    def beat(self, token: str, node: str, pid: int, host: str) -> None:
-        self.seen[token] = (time.monotonic(), node, pid, host)
+@dataclass(frozen=True)
+class Board:
+    """A run's heartbeat board in the Ray cluster's own key-value store (its
+    GCS, ``ray.experimental.internal_kv``, where Ray's libraries keep such
+    small state): one key ``<run>/<token>`` per running job, holding
+    ``<count> <node id> <pid> <host>``; each beat rewrites it with the count one
+    higher. The driver reads every key of its run at each check and times a
+    job by when it last saw the count change, on its own clock, so the clocks
+    of other machines do not matter. Not an actor: an actor is one more worker
+    process, which on a small machine takes a prestarted worker and the CPU
+    just while the first jobs start."""
 
-    def snapshot(self, forget: list[str] | tuple = ()) -> dict[str, tuple[float, str, int, str]]:
-        """token -> (seconds since its last beat, node id, pid, host); first
-        drops the tokens the driver no longer waits for."""
-        for token in forget:
-            self.seen.pop(token, None)
-        now = time.monotonic()
-        return {t: (now - at, node, pid, host) for t, (at, node, pid, host) in self.seen.items()}
+    run: str
+
+    def key(self, token: str) -> bytes:
+        return f"{self.run}/{token}".encode()
+
+    def beat(self, token: str, count: int, node: str, pid: int, host: str) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key(token), f"{count} {node} {pid} {host}", overwrite=True,
+                                     namespace=NAMESPACE)
+
+    def clear(self, tokens: list[str]) -> None:
+        from ray.experimental import internal_kv
+
+        for token in tokens:
+            internal_kv._internal_kv_del(self.key(token), namespace=NAMESPACE)
+
+    def clear_run(self) -> None:
+        """Drop every key of the run (those of jobs that were cancelled or lost)."""
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(f"{self.run}/".encode(), del_by_prefix=True, namespace=NAMESPACE)
+
+    def read(self) -> dict[str, tuple[int, str, int, str]]:
+        """token -> (beat count, node id, pid, host) of every job that has beaten
+        and not cleared its key: two calls to the GCS, whatever the number of jobs."""
+        from ray.experimental import internal_kv
+
+        gcs = internal_kv.internal_kv_get_gcs_client()
+        prefix = f"{self.run}/".encode()
+        keys = gcs.internal_kv_keys(prefix, NAMESPACE)
+        out = {}
+        for key, value in (gcs.internal_kv_multi_get(keys, NAMESPACE) if keys else {}).items():
+            count, node, pid, host = value.decode().split(" ", 3)
+            out[key[len(prefix):].decode()] = (int(count), node, int(pid), host)
+        return out
 
 
 @contextmanager
-def heartbeat(board, token: str, period: float):
-    """Beat to ``board`` (an actor handle; None: no heartbeats) until the block ends."""
+def heartbeat(board: Board | None, token: str, period: float):
+    """Beat to ``board`` (None: no heartbeats) until the block ends, then clear the job's key."""
     if board is None:
         yield
         return
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    who = (node, os.getpid(), socket.gethostname())
+    who = (ray.get_runtime_context().get_node_id(), os.getpid(), socket.gethostname())
     stop = threading.Event()
 
     def loop() -> None:
-        # Never ray.get here: a task blocked in ray.get lends its CPU to Ray,
-        # which then starts one more job (and worker) than there are CPUs.
-        while True:
+        # A put is a plain call to the GCS; never ray.get here: a task blocked
+        # in ray.get lends its CPU to Ray, which then starts one more job (and
+        # worker) than there are CPUs.
+        for count in itertools.count(1):
             try:
-                board.beat.remote(token, *who)
-            except Exception:  # noqa: BLE001 - the board is gone (the run is ending): the job goes on
+                board.beat(token, count, *who)
+            except Exception:  # noqa: BLE001 - the cluster is going away (the run is ending): the job goes on
                 return
             if stop.wait(period):
                 return
@@ -85,6 +119,11 @@ def heartbeat(board, token: str, period: float):
         yield
     finally:
         stop.set()
+        thread.join(timeout=max(period, 1.0))  # so that no beat lands after the key is cleared
+        try:
+            board.clear([token])
+        except Exception:  # noqa: BLE001 - the driver clears the run's keys at its end anyway
+            pass
 
 
 def mapped_bytes() -> int | None:
@@ -126,7 +165,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
-            gpus: float = 0.0, board=None, token: str = "", period: float = 5.0) -> dict[str, Any]:
+            gpus: float = 0.0, board: Board | None = None, token: str = "", period: float = 5.0) -> dict[str, Any]:
     """Run one plan node (orchestrator.jobs.run_node) under the wrapping above.
     Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
     with ``job`` = when (epoch seconds) and in which process it ran."""

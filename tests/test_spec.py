@@ -2,6 +2,7 @@
 reported together."""
 import copy
 import textwrap
+from collections import deque
 
 import pytest
 import yaml
@@ -120,6 +121,51 @@ def test_ray_executor_submits_with_the_resources(monkeypatch):
     executor.submit(node, Resources(cpus=1.5))
     assert calls == [{"num_cpus": 2, "num_gpus": 0.5, "memory": 3 * 2**30, "name": "rd3:posteval"},
                      {"num_cpus": 1.5, "num_gpus": 0.0, "name": "rd3:posteval"}]
+
+
+def test_a_job_whose_beat_count_stops_changing_or_whose_node_leaves_is_lost(monkeypatch):
+    """RayExecutor.check against a board and cluster it reads (no Ray instance):
+    a job is judged by when the driver last saw its beat count change."""
+    import orchestrator.runner as runner
+
+    class Cluster:
+        def nodes(self):
+            return [{"NodeID": "n1", "Alive": True}, {"NodeID": "n2", "Alive": False}]
+
+        def cancel(self, ref, force):
+            cancelled.append(ref)
+
+    class Board:
+        def __init__(self):
+            self.beats, self.cleared = {}, []
+
+        def read(self):
+            return dict(self.beats)
+
+        def clear(self, tokens):
+            self.cleared += tokens
+
+    cancelled, ticks, clock = [], [], [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    nodes = {t: Node("posteval", t, (), {}) for t in ("beating", "frozen", "queued", "elsewhere")}
+    executor = RayExecutor.__new__(RayExecutor)
+    executor.ray, executor.board, executor.beats, executor.lost = Cluster(), Board(), {}, deque()
+    executor.heartbeat_s, executor.on_tick = 1.0, ticks.append
+    executor.pending = {f"ref-{t}": (node, t) for t, node in nodes.items()}
+    executor.board.beats = {"beating": (1, "n1", 11, "h"), "frozen": (1, "n1", 12, "h")}  # "queued": no beat yet
+    executor.check()
+    assert ticks[-1] == [nodes["beating"], nodes["frozen"]] and not executor.lost
+    for second in range(1, 14):  # "beating" beats on; "frozen" keeps count 1
+        clock[0] = 100.0 + second
+        executor.board.beats["beating"] = (1 + second, "n1", 11, "h")
+        executor.check()
+    assert [o.node for o in executor.lost] == [nodes["frozen"]] and cancelled == ["ref-frozen"]
+    assert "no heartbeat for 13 s from pid 12 on h" in executor.lost[0].error
+    assert ticks[-1] == [nodes["beating"]] and executor.board.cleared == ["frozen"]
+    executor.board.beats["elsewhere"] = (1, "n2", 13, "gone-host")  # its node is no longer alive
+    executor.check()
+    assert executor.lost[-1].node == nodes["elsewhere"] and "left the cluster" in executor.lost[-1].error
+    assert set(executor.pending) == {"ref-beating", "ref-queued"}
 
 
 def test_mistakes_in_independent_parts_are_reported_together(tiny_study):
