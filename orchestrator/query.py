@@ -56,6 +56,8 @@ def _json_value(value: Any) -> Any:
         return _json_value(value.item())
     if value is pd.NA or value is pd.NaT:
         return None
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a BLOB (e.g. cell.metric_values): hex, as SQL's hex()
+        return bytes(value).hex()
     return value
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 
 import pandas as pd
@@ -96,6 +97,12 @@ def test_sql_is_read_only_at_the_database_level(filled, capsys, tmp_path):
                        "SELECT name, count(*) AS n FROM metric WHERE name LIKE 'top%' GROUP BY name", "--format",
                        "json")
     assert code == 0 and json.loads(out) == [{"name": "top1", "n": 5}]
+    code, out, _ = cli(capsys, "query", "--db", filled, "--sql", "SELECT metric_names, metric_values FROM cell "
+                       "WHERE metric_values IS NOT NULL", "--format", "json")
+    packed = json.loads(out)  # a BLOB column comes out as hex
+    assert code == 0 and len(packed) == 5 and {r["metric_names"] for r in packed} == {'["top1"]'}
+    assert sorted(struct.unpack("<d", bytes.fromhex(r["metric_values"]))[0] for r in packed) == pytest.approx(
+        [0.5, 0.6, 0.7, 0.8, 0.9])
     sneaky = tmp_path / "sneaky.sqlite"
     engine = make_engine(filled)
     with session_scope(engine) as s:
