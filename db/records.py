@@ -117,7 +117,7 @@ def _metric_rows(cell_id: int, attempt_id: int | None, metrics: Mapping[str, flo
 
 
 def _pack_row(cell_id: int, metrics: Mapping[str, float]) -> dict:
-    names, packed = pack_metrics(dict(metrics))
+    names, packed = pack_metrics(metrics)
     return {"cid": cell_id, "names": names, "packed": packed}
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import struct
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from sqlalchemy import DateTime
 from sqlalchemy.types import TypeDecorator
@@ -65,7 +65,7 @@ def join_float(value: float | None, is_nan: bool) -> float | None:
     return math.nan if is_nan else value
 
 
-def pack_metrics(metrics: dict[str, float | None]) -> tuple[str, bytes]:
+def pack_metrics(metrics: Mapping[str, float | None]) -> tuple[str, bytes]:
     """A cell's metrics as (names, values): the names sorted, as a JSON array;
     the values in that order as little-endian float64 (None becomes NaN, as
     results_frame reads a missing value). db.frames decodes them."""
