@@ -125,8 +125,7 @@ class StudyCells:
         for code, text in enumerate(name_sets):
             rows = np.flatnonzero(codes == code)
             names = json.loads(text)
-            values = np.frombuffer(b"".join(self._packed[rows]), "<f8").reshape(len(rows), -1) \
-                if names else np.empty((len(rows), 0))
+            values = np.frombuffer(b"".join(self._packed[rows]), "<f8").reshape(len(rows), len(names))
             for j, name in enumerate(names):
                 columns.setdefault(name, np.full(len(self), math.nan))[rows] = values[:, j]
         return pd.DataFrame(columns, columns=list(columns))

@@ -54,8 +54,12 @@ class Board:
 
     run: str
 
+    @property
+    def prefix(self) -> bytes:
+        return f"{self.run}/".encode()
+
     def key(self, token: str) -> bytes:
-        return f"{self.run}/{token}".encode()
+        return self.prefix + token.encode()
 
     def beat(self, token: str, count: int, node: str, pid: int, host: str) -> None:
         from ray.experimental import internal_kv
@@ -73,15 +77,14 @@ class Board:
         """Drop every key of the run (those of jobs that were cancelled or lost)."""
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_del(f"{self.run}/".encode(), del_by_prefix=True, namespace=NAMESPACE)
+        internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)
 
     def read(self) -> dict[str, tuple[int, str, int, str]]:
         """token -> (beat count, node id, pid, host) of every job that has beaten
         and not cleared its key: two calls to the GCS, whatever the number of jobs."""
         from ray.experimental import internal_kv
 
-        gcs = internal_kv.internal_kv_get_gcs_client()
-        prefix = f"{self.run}/".encode()
+        gcs, prefix = internal_kv.internal_kv_get_gcs_client(), self.prefix
         keys = gcs.internal_kv_keys(prefix, NAMESPACE)
         out = {}
         for key, value in (gcs.internal_kv_multi_get(keys, NAMESPACE) if keys else {}).items():
