@@ -25,7 +25,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import failures
+from . import failures, localray
 from .failures import Failure
 from .plan import Node, Plan
 from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
@@ -99,9 +99,10 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Ray tasks. Starts an embedded local instance (loopback, no dashboard, temp
-    files outside the repo) unless ``address`` (else RAY_ADDRESS) names a
-    running cluster, which it joins and leaves running.
+    """Ray tasks. Starts an embedded local instance (orchestrator.localray:
+    loopback, only the processes a one-machine run uses, temp files outside the
+    repo) unless ``address`` (else RAY_ADDRESS) names a running cluster, which
+    it joins and leaves running.
 
     While waiting for results it checks every ``heartbeat_s`` seconds which
     running jobs still beat, calls ``on_tick`` with their nodes (the driver
@@ -123,6 +124,7 @@ class RayExecutor:
         import ray
 
         self.ray = ray
+        self.head = None  # the embedded instance's head node, when this executor started one (localray)
         self.store_root = store_root
         self.started = not ray.is_initialized()
         if self.started:
@@ -134,9 +136,8 @@ class RayExecutor:
                          runtime_env={"env_vars": data} if data else None)
             else:
                 num_cpus, num_gpus = embedded_size(num_cpus, num_gpus)
-                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                         _temp_dir=os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"),
-                         logging_level="ERROR", log_to_driver=True)
+                self.head = localray.start(ray, num_cpus, num_gpus,
+                                           os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"))
         self.remote = ray.remote(max_retries=0)(run_job)  # retries are the driver's: each is an attempt row
         self.pending: dict[Any, tuple[Node, str]] = {}  # ref -> (node, heartbeat token)
         self.ready: deque[Any] = deque()
@@ -251,6 +252,7 @@ class RayExecutor:
         self._clear()  # keys of cancelled jobs: a joined cluster keeps its key-value store
         if self.started:
             self.ray.shutdown()
+            localray.stop(self.head)
 
 
 def embedded_size(num_cpus: int | None, num_gpus: int | None) -> tuple[int, int]:
