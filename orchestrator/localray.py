@@ -60,6 +60,15 @@ def lean_head(num_cpus: int, num_gpus: int, temp_dir: str):
     from ray._private.parameter import RayParams
 
     class Head(Node):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(*args, **kwargs)  # starts the processes
+            except BaseException:
+                # Those already started would live on beside the fallback's instance until exit.
+                if getattr(self, "all_processes", None):
+                    self.kill_all_processes(check_alive=False)
+                raise
+
         def start_api_server(self, **_: Any) -> None:
             pass  # nothing for it to serve here: see the module docstring
 
