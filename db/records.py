@@ -44,16 +44,28 @@ def ensure_study(session: Session, name: str, spec_text: str, spec_hash: str) ->
 
 
 def sync_cells(session: Session, study: Study, cells: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Insert cells not yet stored, with their typed factor rows; return
-    cell_key -> row id for all stored cells of the study."""
+    """Insert cells not yet stored, with their typed factor rows, and give stored
+    cells whose factor labels the study now names differently (a column added,
+    such as ``recipe``) the current labels; return cell_key -> row id for all
+    stored cells of the study."""
     def stored() -> dict[str, int]:
         return dict(session.execute(select(Cell.cell_key, Cell.id).where(Cell.study_id == study.id)).all())
 
-    existing = stored()
+    cells = list(cells)
+    existing = {key: (cid, factors) for key, cid, factors in session.execute(
+        select(Cell.cell_key, Cell.id, Cell.factors).where(Cell.study_id == study.id)).all()}
     new = {c["cell_key"]: c for c in cells if c["cell_key"] not in existing}
-    if not new:
-        return existing
+    relabel = {existing[c["cell_key"]][0]: dict(c["factors"]) for c in cells
+               if c["cell_key"] in existing and dict(existing[c["cell_key"]][1] or {}) != dict(c["factors"])}
     conn = _conn(session)  # Core executemany: a 100k-cell study syncs in seconds
+    if relabel:
+        conn.execute(update(Cell.__table__).where(Cell.__table__.c.id == bindparam("cid")).values(
+            factors=bindparam("labels")), [{"cid": cid, "labels": f} for cid, f in relabel.items()])
+        conn.execute(CellFactor.__table__.delete().where(CellFactor.__table__.c.cell_id.in_(list(relabel))))
+        conn.execute(CellFactor.__table__.insert(), [{"cell_id": cid, "name": name, **encode_factor(value)}
+                                                     for cid, f in relabel.items() for name, value in f.items()])
+    if not new:
+        return {key: cid for key, (cid, _) in existing.items()}
     conn.execute(Cell.__table__.insert(), [{"study_id": study.id, "cell_key": key, "seed": c["seed"],
                                             "factors": dict(c["factors"]), "config": dict(c["config"]),
                                             "status": CellStatus.pending} for key, c in new.items()])

@@ -5,7 +5,10 @@ factors (equal lengths); a factorial may also pair some factors in ``zip``
 groups; ``ofat`` varies one factor at a time around a baseline; ``cells`` lists
 the combinations explicitly; ``native_vs_unified`` runs every method under its
 own published preset and under one (or more) shared protocols, in a factor
-column ``protocol`` whose levels are ``native`` and the shared presets' names.
+column ``protocol`` whose levels are ``native`` and the shared presets' names;
+a column ``recipe`` names the preset each cell ran under, and every random real
+subset is also run under each other method's native preset (its recipe-matched
+twin), so each method is compared with a random subset under its own recipe.
 
 Methods and seeds are crossed with every row unless ``method`` is itself a
 factor; seeds are always crossed, so comparisons between methods are paired.
@@ -83,8 +86,11 @@ def _key(level: Any) -> str:
 
 
 def build_design(design: DesignSpec, factors: dict[str, list], labels: list[str], base_preset: str | None,
-                 seeds: tuple[int, ...], exclude: tuple[dict, ...]) -> tuple[Design | None, list[Problem]]:
-    """The rows of the design, or the problems that prevent building them."""
+                 seeds: tuple[int, ...], exclude: tuple[dict, ...], natives: dict[str, str | None] | None = None,
+                 randoms: tuple[str, ...] = ()) -> tuple[Design | None, list[Problem]]:
+    """The rows of the design, or the problems that prevent building them.
+    ``natives``: each method label's published preset; ``randoms``: the labels of
+    random real subsets (native_vs_unified twins them under the other recipes)."""
     problems: list[Problem] = []
     levels: dict[tuple[str, str], tuple[Any, str]] = {}
 
@@ -113,6 +119,7 @@ def build_design(design: DesignSpec, factors: dict[str, list], labels: list[str]
     if not method_is_factor:
         for i, label in enumerate(labels):
             note("method", label, f"methods[{i}]")
+    natives = natives or {}
     rows: list[Row] = []
     for label in ([None] if method_is_factor else labels):
         for arm in arms or [None]:
@@ -120,12 +127,30 @@ def build_design(design: DesignSpec, factors: dict[str, list], labels: list[str]
                 row = dict(combo) if label is None else {"method": label, **combo}
                 if arm is not None:
                     row["protocol"] = arm
+                    method = row["method"]  # a bad level (validated elsewhere) can be any YAML value
+                    row["recipe"] = (natives.get(method) if isinstance(method, str) else None) if arm == NATIVE \
+                        else arm
                 rows.append(Row(row, where, seeds))
+    if arms:
+        rows += _twins(rows, randoms)
     shown = (["method"] if method_is_factor or len(labels) > 1 or arms else []) + \
-            (["protocol"] if arms else []) + [n for n in names if n != "method"]
-    rows, found = _exclude(rows, exclude, set(shown) | {"method", "seed"} | ({"protocol"} if arms else set()), seeds)
+            (["protocol", "recipe"] if arms else []) + [n for n in names if n != "method"]
+    rows, found = _exclude(rows, exclude, set(shown) | {"method", "seed"}, seeds)
     problems += found
     return Design(rows, shown, levels), problems
+
+
+def _twins(rows: list[Row], randoms: tuple[str, ...]) -> list[Row]:
+    """Each random subset under every other native recipe of the study, beside its
+    own native cells (a recipe it already runs under is shared, not repeated)."""
+    native = [r for r in rows if r.levels["protocol"] == NATIVE]
+    recipes = list(dict.fromkeys(r.levels["recipe"] for r in native if r.levels["method"] not in randoms))
+    out = []
+    for r in native:
+        if r.levels["method"] in randoms:
+            out += [Row({**r.levels, "recipe": recipe}, r.where, r.seeds) for recipe in recipes
+                    if recipe != r.levels["recipe"]]
+    return out
 
 
 def _combos(design: DesignSpec, factors: dict[str, list], note, problems: list[Problem]

@@ -231,7 +231,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
             return
         cell = by_key[node.key]
         if outcome.failure is None:
-            recorder.cell_done(outcome, result_metrics(outcome.result))
+            recorder.cell_done(outcome, result_metrics(outcome.result, outcome.wall_s, node.resources))
             progress.cell(cell_label(cell), True, f"top1={100 * outcome.result['metrics']['top1']:.2f}%")
         else:
             recorder.cell_failed(outcome)
@@ -306,12 +306,17 @@ def report_failures(study: Study, failed: list, skipped: list, command: str, opt
               f"a rerun skips them; after fixing the cause, run them again with:\n  {retry}", file=stream)
 
 
-def result_metrics(result: dict) -> dict[str, float]:
+def result_metrics(result: dict, wall_s: float | None = None, resources=None) -> dict[str, float]:
     """Everything numeric a cell reports, flattened into named metrics: the
     accuracies (``top1`` is THE result), timings (``time_*``), the cost of the
-    distilled set it used (``synth_*``: wall time and bytes, RD3's efficiency axis)
-    and of its stored labels (``labels_storage_bytes``, ``labels_wall_s``)."""
+    distilled set it used (``synth_*``: wall time and bytes, RD3's efficiency axis),
+    of its stored labels (``labels_storage_bytes``, ``labels_wall_s``) and of its
+    post-evaluation job (``gpu_hours``, ``cpu_hours``: the job's wall time times
+    the devices it held)."""
     metrics = dict(result["metrics"])
+    if wall_s is not None and resources is not None:
+        metrics["gpu_hours"] = wall_s * resources.gpus / 3600
+        metrics["cpu_hours"] = wall_s * resources.cpus / 3600
     metrics.update({f"labels_{k}": v for k, v in result.get("labels", {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
     metrics.update({f"time_{k}": v for k, v in result["timing"].items()})
@@ -332,7 +337,7 @@ def summarise(engine, study: Study, out: Path) -> None:
         return
     # Factor levels as strings in the study's order (mappings as JSON), only finite top1.
     design = load_design(engine, study.name)
-    frame, factors = design.frame, list(design.levels)
+    frame, factors = design.analysed(), list(design.levels)
     combos = summary.combination_table(frame, factors)
     effects = summary.main_effects(frame, factors)
     print(f"\nfinal top-1 (%), mean and std over seeds, per factor combination:")

@@ -58,7 +58,7 @@ class _Resolver:
 
     def path(self, column: str) -> FactorPath | None:
         if column not in self.paths:
-            self.paths[column] = None if column in ("method", "protocol") else parse_factor(column)[0]
+            self.paths[column] = None if column in ("method", "protocol", "recipe") else parse_factor(column)[0]
         return self.paths[column]
 
     def split(self, row: Row) -> tuple[list, list, list]:
@@ -78,8 +78,8 @@ class _Resolver:
     def preset(self, row: Row, method: MethodConfig) -> tuple[str | None, bool]:
         """(preset, whether protocol.overrides apply)."""
         arm = row.levels.get("protocol")
-        if arm == NATIVE:
-            return native_preset(method), False
+        if arm == NATIVE:  # a random subset's twin names the other method's recipe
+            return row.levels.get("recipe") or native_preset(method), False
         preset = arm if arm is not None else row.levels.get("preset", self.spec.protocol.preset)
         return preset, preset == self.spec.protocol.preset
 

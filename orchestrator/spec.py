@@ -27,7 +27,9 @@ from .resources import Resources, ResourcesSpec  # noqa: F401  (Resources: the p
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Keys of a method entry that are not the method's own parameters.
-METHOD_KEYS = ("name", "label", "native_preset")
+# `baseline: true|false` marks a method as a baseline, shown beside the methods
+# (the analysis reads it from the stored study; the registry's flag otherwise).
+METHOD_KEYS = ("name", "label", "native_preset", "baseline")
 
 
 @dataclass(frozen=True)
@@ -197,11 +199,15 @@ def render(source: yamlsrc.Source, problems: list[Problem]) -> list[str]:
 
 
 def native_preset(method: MethodConfig) -> str | None:
+    return published_preset(method.native_preset, method.label, method.name)
+
+
+def published_preset(native: str | None, label: str, name: str) -> str | None:
     """A method's published protocol: its ``native_preset``, else the preset named
     like its label, else like its registry name."""
-    for name in (method.native_preset, method.label, method.name):
-        if name and name in PRESETS:
-            return name
+    for candidate in (native, label, name):
+        if isinstance(candidate, str) and candidate in PRESETS:
+            return candidate
     return None
 
 
@@ -219,6 +225,8 @@ def parse_method(entry: Any, path: str) -> tuple[MethodConfig | None, list[Probl
         problems.append(Problem(f"{path}.label", f"expected a short name (letters, digits, '_', '.', '-'), got {label!r}"))
     if native is not None and (not isinstance(native, str) or native not in PRESETS):
         problems.append(Problem(f"{path}.native_preset", PRESETS.unknown_message(str(native))))
+    if "baseline" in entry and not isinstance(entry["baseline"], bool):
+        problems.append(Problem(f"{path}.baseline", f"expected true or false, got {entry['baseline']!r}"))
     params = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
     try:
         built = build(METHODS.get(name).params, params, path)
@@ -372,7 +380,8 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
     spec = study.spec
     labels = [m.label for m in study.methods]
     design, problems = build_design(spec.design, spec.factors, labels, spec.protocol.preset, spec.seeds,
-                                    spec.exclude)
+                                    spec.exclude, {m.label: native_preset(m) for m in study.methods},
+                                    tuple(m.label for m in study.methods if m.name == "random_real"))
     if spec.design.kind == "native_vs_unified":
         for i, method in enumerate(study.methods):
             if native_preset(method) is None:
@@ -392,7 +401,7 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
                 problems.append(Problem(where, f"unknown method {level!r}: expected the label of a method listed "
                                         f"under 'methods' ({', '.join(labels)})"))
             continue
-        if column in ("protocol", "seed"):
+        if column in ("protocol", "recipe", "seed"):
             continue
         path, message = parse_factor(column)
         if path is None or path.kind == "seed":

@@ -123,7 +123,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
              stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
-    (by phase) and, for stored labels, their size (``labels``).
+    (by phase) and the size of the soft labels a user must store to rerun it
+    (``labels``: 0 for hard and on-the-fly labels).
 
     ``teachers`` maps architecture name to a trained model; the protocol's
     ``labels.teachers`` picks from it (empty: the first one given). With
@@ -157,6 +158,10 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     else:
         names = label_teachers(protocol, teachers)
         labeler = make_labeler(protocol.labels, [teachers[n] for n in names], distilled, dataset, runtime)
+        # What must be shipped with the set besides its images: nothing for hard labels or a
+        # teacher relabelling on the fly; one fp32 teacher output per image for static labels.
+        static = protocol.labels.mode == "static"
+        labels_info = {"storage_bytes": len(distilled.labels) * dataset.info.num_classes * 4 if static else 0}
     t_labels = time.perf_counter() - t_labels  # static labels or a stored-label precompute done here
     student = build_model(protocol.student, dataset, seed)
     setup_s = time.perf_counter() - t0

@@ -33,6 +33,22 @@ def test_sync_cells_is_idempotent_and_stores_typed_factors(db_engine):
     assert rows["a"].value_float is None and rows["d"].value_int is None  # one value column per kind
 
 
+def test_sync_cells_gives_stored_cells_the_labels_the_study_now_names(db_engine):
+    """A study that gains a factor column (e.g. native_vs_unified's `recipe`) keeps
+    its stored cells and their results, with the new labels, typed, on each."""
+    cells = cell_dicts({"method": ["rded", "sre2l"]}, seeds=[0])
+    ids = make_study(db_engine, "relabel", cells)
+    finish_cell(db_engine, ids[cells[0]["cell_key"]], 0.61)
+    again = [{**c, "factors": {**c["factors"], "recipe": c["factors"]["method"], "epochs": 3}} for c in cells]
+    assert make_study(db_engine, "relabel", again) == ids  # same cells, nothing inserted
+    frame = results_frame(db_engine, "relabel")
+    assert frame[["method", "recipe", "epochs", "top1"]].to_dict("records") == [
+        {"method": "rded", "recipe": "rded", "epochs": 3, "top1": 0.61}]
+    with session_scope(db_engine) as s:
+        assert s.scalar(select(func.count()).select_from(CellFactor)) == 2 * 3
+        assert {tuple(sorted(f)) for f in s.scalars(select(Cell.factors))} == {("epochs", "method", "recipe")}
+
+
 def test_results_frame_has_typed_factor_columns_and_metrics(db_engine):
     ids = make_study(db_engine, "grid", cell_dicts(GRID, seeds=[0, 1]))
     for i, cell_id in enumerate(sorted(ids.values())):

@@ -149,8 +149,8 @@ def test_native_vs_unified(tiny_study):
           protocol.labels.mode: [hard, epochwise]
         """, head)
     cells = expand(study)
-    assert study.factor_columns == ["method", "protocol", "protocol.labels.mode"]
-    assert len(cells) == 2 * 3 * 2 * 2
+    assert study.factor_columns == ["method", "protocol", "recipe", "protocol.labels.mode"]
+    assert len(cells) == 2 * 3 * 2 * 2  # both are random subsets: no recipe to twin them under
     by = {(c.factors["method"], c.factors["protocol"]): c for c in cells}
     assert {k[1] for k in by} == {"native", "rd3", "cda"}
     assert by["random_real", "native"].preset == "rded"  # its native_preset
@@ -166,6 +166,32 @@ def test_native_vs_unified(tiny_study):
     for c in cells:
         seeds.setdefault(tuple(c.factors.values()), set()).add(c.seed)
     assert set(map(frozenset, seeds.values())) == {frozenset({0, 1})}
+    assert {(c.factors["protocol"], c.factors["recipe"]) for c in cells if c.factors["method"] == "sre2l"} == \
+        {("native", "sre2l"), ("rd3", "rd3"), ("cda", "cda")}
+
+
+def test_native_vs_unified_twins_the_random_subset_under_each_native_recipe(tiny_study):
+    """Each method's native recipe also evaluates random_real (DD-Ranking's IOR compares
+    a method with a random subset under the method's own recipe); a recipe random_real
+    already runs under is shared, not run twice."""
+    head = HEAD.replace("  - {{name: random_real, ipc: 5}}", "  - {{name: random_real, ipc: 5, native_preset: rded}}\n"
+                        "  - {{name: rded, ipc: 5, candidates_per_class: 10}}\n"
+                        "  - {{name: herding, ipc: 5, native_preset: sre2l}}")
+    study = study_of(tiny_study, """\
+        design: native_vs_unified
+        factors:
+          protocol.labels.mode: [hard, epochwise]
+        """, head)
+    cells = expand(study)
+    randoms = [c for c in cells if c.factors["method"] == "random_real"]
+    assert {(c.factors["protocol"], c.factors["recipe"], c.preset) for c in randoms} == {
+        ("native", "rded", "rded"), ("native", "sre2l", "sre2l"), ("rd3", "rd3", "rd3")}
+    twin = next(c for c in randoms if c.factors["recipe"] == "sre2l" and c.seed == 0
+                and c.factors["protocol.labels.mode"] == "epochwise")
+    herding = next(c for c in cells if c.factors["method"] == "herding" and c.factors["protocol"] == "native"
+                   and c.seed == 0 and c.factors["protocol.labels.mode"] == "epochwise")
+    assert twin.protocol == herding.protocol  # the very recipe herding was evaluated with
+    assert len(cells) == 3 * 2 * 2 * 2 + 2 * 2 and len({c.key for c in cells}) == len(cells)
 
 
 def test_method_factor_restricts_the_methods(tiny_study):

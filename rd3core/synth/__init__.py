@@ -76,6 +76,10 @@ class Method:
     # Checks that need the dataset or the teacher's architecture, run when a
     # study is validated, before anything runs; yields (param, message).
     check: Check | None = None
+    # A reference point rather than a distillation method (a random or herded
+    # subset, the whole real set): the analysis shows it beside the methods,
+    # outside their spread and ranks. A study entry's `baseline:` overrides it.
+    baseline: bool = False
 
     def problems(self, params: Any, info: DatasetInfo, teacher_arch: str | None) -> list[tuple[str, str]]:
         return list(self.check(params, info, teacher_arch)) if self.check is not None else []
@@ -85,9 +89,9 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False,
-                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None):
+                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False):
     def deco(fn):
-        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check))
+        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline))
         return fn
     return deco
 

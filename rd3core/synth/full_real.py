@@ -22,7 +22,7 @@ class FullRealParams:
                           "(use random_real for a subset)")
 
 
-@register_method("full_real", FullRealParams, key_inputs=unseeded_key_inputs)
+@register_method("full_real", FullRealParams, key_inputs=unseeded_key_inputs, baseline=True)
 def full_real(dataset, teacher, params: FullRealParams, seed: int, runtime) -> DistilledSet:
     n = len(dataset.train)
     # clone(): a view would serialise its whole base storage into the artifact.

@@ -65,7 +65,8 @@ def herding_key_inputs(params: HerdingParams, seed: int) -> dict:
     return out
 
 
-@register_method("herding", HerdingParams, needs_teacher=True, key_inputs=herding_key_inputs)
+@register_method("herding", HerdingParams, needs_teacher=True, key_inputs=herding_key_inputs,
+                 baseline=True)
 def herding(dataset, teacher, params: HerdingParams, seed: int, runtime) -> DistilledSet:
     picks = []
     for c in range(dataset.info.num_classes):

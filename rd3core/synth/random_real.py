@@ -30,7 +30,7 @@ def class_balanced_indices(labels: torch.Tensor, num_classes: int, ipc: int, gen
     return torch.cat(picks)
 
 
-@register_method("random_real", RandomRealParams)
+@register_method("random_real", RandomRealParams, baseline=True)
 def random_real(dataset, teacher, params: RandomRealParams, seed: int, runtime) -> DistilledSet:
     idx = class_balanced_indices(dataset.train.labels, dataset.info.num_classes, params.ipc,
                                  generator(seed, "random_real"))
