@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--out", type=Path, default=Path("results"),
                          help="results folder: the DB (OUT/rd3.sqlite unless --db) and OUT/<study>/ for outputs")
         cmd.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)
-        cmd.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                         help="bootstrap draws over seeds for every interval (default 1000)")
-        cmd.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
-        cmd.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+        cmd.add_argument("--level", type=float, default=0.95,
+                         help="interval level; tests are at 1 - level (default 0.95)")
+        cmd.add_argument("--correction", default="holm", metavar="NAME",
+                         help="multiplicity correction over each family of comparisons: holm (default), bonferroni, "
+                              "fdr_bh or none")
         if name == "analyze":
             cmd.add_argument("--format", choices=["table", "json"], default="table",
                              help="table (terminal) or json (one JSON object on stdout)")
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("analyze", "plot", "report"):
             from .analysis import commands
 
-            options = commands.AnalysisOptions(args.study, args.out, args.db, args.bootstrap, args.bootstrap_seed,
-                                               args.level)
+            options = commands.AnalysisOptions(args.study, args.out, args.db, args.level, args.correction)
             if args.command == "analyze":
                 return commands.cmd_analyze(options, args.format)
             return commands.cmd_plot(options) if args.command == "plot" else commands.cmd_report(options)

@@ -1,12 +1,20 @@
-"""Variance attribution: ANOVA on final top-1 over the study's factors.
+"""Variance attribution: ANOVA on final top-1 over the study's factors, with
+effect sizes and intervals that keep their coverage at three seeds.
 
-The point estimates come from statsmodels (OLS with sum contrasts, ``anova_lm``
-Type II, or Type III when the design is unbalanced or has missing cells). The
-bootstrap over seeds refits the same model thousands of times, so it uses an
-equivalent closed form: the design is categorical, so a weighted least-squares
-fit depends on the data only through per-combination weighted counts, sums and
-sums of squares, and each refit is a tiny solve over combinations instead of
-over cells (tests/test_analysis_attribution.py checks it against statsmodels).
+The model is OLS with sum contrasts; sums of squares are Type II in a balanced
+design and Type III otherwise (statsmodels' ``anova_lm`` conventions;
+tests/test_analysis_attribution.py checks this closed form against it). The
+design is categorical, so every fit depends on the data only through
+per-combination counts, sums and sums of squares: a fit is a small solve over
+combinations, cheap enough for the calibration benchmark's thousands of studies.
+
+Intervals (orchestrator.analysis.inference): partial eta^2 inverts the
+noncentral F distribution of its F test, exact for the noncentrality lambda and
+so for the population partial eta^2 = lambda / (lambda + N); a share (eta^2,
+omega^2) inverts the distribution of the sample share itself, which depends on
+the part's and the rest's lambdas, the rest searched over a confidence set
+(Berger-Boos); the residual's share N / (lambda_model + N) inverts the whole
+model's F test.
 """
 from __future__ import annotations
 
@@ -16,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.linalg import cho_factor, cho_solve
 
-from .design import METRIC, Design, factor_group, interval, row_weights
+from .design import METRIC, Design, factor_group
+from .inference import NUISANCE_RISK, nan_to_none, noncentrality_interval, share_interval, with_estimate
 
-GROUP_KEYS = ("method", "protocol", "method_x_protocol", "other")
+GROUP_KEYS = ("method", "protocol", "budget", "method_x_protocol", "budget_x", "other")
 
 
 def term_name(term: tuple[str, ...]) -> str:
@@ -28,12 +38,15 @@ def term_name(term: tuple[str, ...]) -> str:
 
 
 def term_group(term: tuple[str, ...]) -> str:
+    """other as soon as an `other` factor is in it; a single group's factors stay in
+    that group; method with protocol is method_x_protocol; budget with either is
+    budget_x."""
     groups = {factor_group(f) for f in term}
     if "other" in groups:
         return "other"
-    if groups == {"method", "protocol"}:
-        return "method_x_protocol"
-    return groups.pop()
+    if len(groups) == 1:
+        return groups.pop()
+    return "budget_x" if "budget" in groups else "method_x_protocol"
 
 
 def hierarchical_terms(factors: list[str], order: int) -> list[tuple[str, ...]]:
@@ -56,81 +69,61 @@ def term_columns(design: Design, combos: pd.DataFrame, term: tuple[str, ...]) ->
 
 
 class Model:
-    """The ANOVA model over the observed factor combinations, reduced to per-combination
-    statistics so that a (weighted) refit costs a solve over combinations only."""
+    """The ANOVA model reduced to per-combination statistics: the residual sum of
+    squares of any submodel is a Cholesky solve over the observed combinations."""
 
     def __init__(self, design: Design, terms: list[tuple[str, ...]]):
-        self.design, self.terms = design, terms
-        frame = design.frame
-        factors = design.factors
+        self.terms = terms
+        frame, factors = design.frame, design.factors
+        y = frame[METRIC].to_numpy(float)
         if factors:
             keys = frame[factors].astype(str).agg("\x1f".join, axis=1)
-            codes, uniques = pd.factorize(keys)
-            self.combos = frame.loc[~keys.duplicated(), factors].astype(str).reset_index(drop=True)
+            codes, _ = pd.factorize(keys)
+            combos = frame.loc[~keys.duplicated(), factors].astype(str).reset_index(drop=True)
         else:
-            codes, self.combos = np.zeros(len(frame), dtype=int), pd.DataFrame(index=[0])
-        self.onehot = np.zeros((len(frame), len(self.combos)))
-        self.onehot[np.arange(len(frame)), codes] = 1.0
-        self.y = frame[METRIC].to_numpy(float)
-        self.blocks = {t: term_columns(design, self.combos, t) for t in terms}
-        self.full = self.matrix(terms)
-        # Column indices of each term in the full matrix (0 is the intercept).
-        edges = np.cumsum([1] + [self.blocks[t].shape[1] for t in terms])
+            codes, combos = np.zeros(len(frame), dtype=int), pd.DataFrame(index=[0])
+        count = np.bincount(codes, minlength=len(combos)).astype(float)
+        total = np.bincount(codes, weights=y, minlength=len(combos))
+        ybar = total / count
+        self.n = float(count.sum())
+        self.within = float(np.sum((y - ybar[codes]) ** 2))
+        self.ss_total = float(np.sum((y - y.mean()) ** 2)) if len(y) else math.nan
+        blocks = [term_columns(design, combos, t) for t in terms]
+        self.full = np.hstack([np.ones((len(combos), 1)), *blocks])
+        edges = np.cumsum([1] + [b.shape[1] for b in blocks])
         self.cols = {t: np.arange(a, b) for t, a, b in zip(terms, edges[:-1], edges[1:])}
-        self.full_rank: dict[bytes, bool] = {}
+        self.gram = self.full.T @ (count[:, None] * self.full)
+        self.moment = self.full.T @ (count * ybar)
+        self.yy = float(np.sum(count * ybar ** 2))
+        self.estimable = bool(np.linalg.matrix_rank(self.full) == self.full.shape[1])
+        self._rss: dict[frozenset, float] = {}
 
-    def matrix(self, terms) -> np.ndarray:
-        return np.hstack([np.ones((len(self.combos), 1))] + [self.blocks[t] for t in terms])
+    @property
+    def df_resid(self) -> float:
+        return self.n - self.full.shape[1]
 
-    def rank(self, terms) -> int:
-        return int(np.linalg.matrix_rank(self.matrix(terms)))
+    def rss(self, terms) -> float:
+        """Residual sum of squares of the submodel with the intercept and ``terms``."""
+        key = frozenset(terms)
+        if key not in self._rss:
+            cols = np.concatenate([[0]] + [self.cols[t] for t in terms]).astype(int)
+            factor = cho_factor(self.gram[np.ix_(cols, cols)])
+            fitted = float(self.moment[cols] @ cho_solve(factor, self.moment[cols]))
+            self._rss[key] = self.within + max(self.yy - fitted, 0.0)
+        return self._rss[key]
 
-    def sums_of_squares(self, weights: np.ndarray, typ: int) -> dict[str, Any]:
-        """SS per term, residual SS and df, total SS, for one row-weight vector.
+    def ss(self, terms: list[tuple[str, ...]], typ: int) -> float:
+        """Sum of squares of a set of terms tested together: adjusted for every other
+        term (Type III), or only for the terms that contain none of them (Type II)."""
+        chosen = set(terms)
+        if typ == 3:
+            base = [u for u in self.terms if u not in chosen]
+        else:
+            base = [u for u in self.terms if u not in chosen and not any(set(t) <= set(u) for t in chosen)]
+        return max(self.rss(base) - self.rss(base + [t for t in self.terms if t in chosen]), 0.0)
 
-        Each submodel's fit is a Cholesky solve of the principal block of the
-        weighted Gram matrix X'WX (sum contrasts keep it well conditioned); a
-        singular full model (a draw without any seed of some needed combination)
-        is reported as not estimable."""
-        wc = weights @ self.onehot
-        sc = (weights * self.y) @ self.onehot
-        qc = (weights * self.y ** 2) @ self.onehot
-        seen = wc > 0
-        ybar = np.where(seen, sc / np.where(seen, wc, 1), 0.0)
-        within = float(np.sum(qc[seen] - sc[seen] * ybar[seen]))
-        n = float(wc.sum())
-        mean = float(sc.sum() / n) if n else math.nan
-        total = within + float(np.sum(wc[seen] * (ybar[seen] - mean) ** 2))
-        gram = self.full.T @ (wc[:, None] * self.full)
-        moment = self.full.T @ (wc * ybar)
-        yy = float(np.sum(wc * ybar ** 2))
-        cache: dict[frozenset, float] = {}
-
-        def rss(terms) -> float:
-            key = frozenset(terms)
-            if key not in cache:
-                cols = np.concatenate([[0]] + [self.cols[t] for t in terms]).astype(int)
-                factor = cho_factor(gram[np.ix_(cols, cols)])
-                cache[key] = within + max(yy - float(moment[cols] @ cho_solve(factor, moment[cols])), 0.0)
-            return cache[key]
-
-        p = self.full.shape[1]
-        pattern = seen.tobytes()  # which combinations this draw has: few distinct patterns
-        if pattern not in self.full_rank:
-            self.full_rank[pattern] = bool(np.linalg.matrix_rank(self.full[seen]) == p)
-        if not self.full_rank[pattern]:
-            return {"estimable": False, "ss_total": total}
-        rss_full = rss(self.terms)
-        ss, df = {}, {}
-        for t in self.terms:
-            if typ == 3:
-                base, with_t = [u for u in self.terms if u != t], self.terms
-            else:  # Type II: adjusted for every term that does not contain t
-                base = [u for u in self.terms if not set(t) <= set(u)]
-                with_t = base + [t]
-            ss[t], df[t] = max(rss(base) - rss(with_t), 0.0), len(self.cols[t])
-        return {"ss": ss, "df": df, "rss": max(rss_full, 0.0), "df_resid": n - p, "ss_total": total,
-                "estimable": n - p > 0}
+    def df(self, terms) -> float:
+        return float(sum(len(self.cols[t]) for t in terms))
 
 
 def choose_model(design: Design) -> tuple[int, list[str]]:
@@ -140,21 +133,19 @@ def choose_model(design: Design) -> tuple[int, list[str]]:
     n, full = len(design.frame), len(design.factors)
     why = ""
     for order in range(full, 0, -1):
-        terms = hierarchical_terms(design.factors, order)
-        x = Model(design, terms).matrix(terms)
-        estimable = np.linalg.matrix_rank(x) == x.shape[1]
-        if estimable and n - x.shape[1] > 0:
+        model = Model(design, hierarchical_terms(design.factors, order))
+        if model.estimable and n - model.full.shape[1] > 0:
             notes = [] if order == full else [f"interactions of order > {order} left out ({why}); they are "
                                               "pooled into the residual"]
             return order, notes
         if not why:
-            why = ("not estimable: factor combinations are missing" if not estimable else
+            why = ("not estimable: factor combinations are missing" if not model.estimable else
                    "no residual degrees of freedom: one seed per combination")
     return 0, [f"no estimable model ({why})"]
 
 
 def statsmodels_table(design: Design, order: int, typ: int) -> pd.DataFrame:
-    """anova_lm on ``top1 ~ (C(f1, Sum) + ...)**order``: the reported point estimates."""
+    """anova_lm on ``top1 ~ (C(f1, Sum) + ...)**order``: the reference the closed form is tested against."""
     import statsmodels.formula.api as smf
     from statsmodels.stats.anova import anova_lm
 
@@ -164,130 +155,127 @@ def statsmodels_table(design: Design, order: int, typ: int) -> pd.DataFrame:
         data[s] = pd.Categorical(data[s].astype(str), categories=design.levels[f])
     rhs = " + ".join(f"C({s}, Sum)" for s in safe.values())
     formula = f"{METRIC} ~ ({rhs})**{order}" if order > 1 else f"{METRIC} ~ {rhs}"
-    fit = smf.ols(formula, data=data).fit()
-    table = anova_lm(fit, typ=typ)
+    table = anova_lm(smf.ols(formula, data=data).fit(), typ=typ)
     back = {f"C({s}, Sum)": f for f, s in safe.items()}
     table.index = [" x ".join(back[p] for p in name.split(":")) if name not in ("Intercept", "Residual") else name
                    for name in table.index]
     return table.drop(index="Intercept", errors="ignore")
 
 
-def effect_sizes(ss: dict, df: dict, rss: float, df_resid: float) -> dict[tuple, dict[str, float]]:
-    """eta^2 = SS/SS_sum; partial eta^2 = SS/(SS + SS_resid);
-    omega^2 = (SS - df MS_resid)/(SS_sum + MS_resid); SS_sum = sum of the table's SS."""
-    ss_sum = sum(ss.values()) + rss
-    ms_resid = rss / df_resid if df_resid > 0 else math.nan
-    out = {}
-    for t in ss:
-        out[t] = {
-            "eta2": ss[t] / ss_sum if ss_sum > 0 else math.nan,
-            "partial_eta2": ss[t] / (ss[t] + rss) if ss[t] + rss > 0 else math.nan,
-            "omega2": (ss[t] - df[t] * ms_resid) / (ss_sum + ms_resid) if ss_sum + ms_resid > 0 else math.nan,
-        }
-    out["residual"] = {"eta2": rss / ss_sum if ss_sum > 0 else math.nan}
-    return out
+class _Sizes:
+    """Effect sizes and their intervals for any set of terms, from one fitted model."""
+
+    def __init__(self, model: Model, typ: int, level: float):
+        self.model, self.typ, self.level = model, typ, level
+        self.rss, self.df_e = model.rss(model.terms), model.df_resid
+        self.ms_e = self.rss / self.df_e
+        self.total = model.ss_total
+        df_model = model.full.shape[1] - 1
+        f_all = ((self.total - self.rss) / df_model) / self.ms_e if df_model else math.nan
+        # The confidence set for the total signal that share intervals search over (Berger-Boos).
+        self.lam_all = noncentrality_interval(f_all, df_model, self.df_e, 1 - NUISANCE_RISK) if df_model else (0, 0)
+        self.f_all, self.df_model = f_all, df_model
+
+    def part(self, terms: list[tuple[str, ...]], ss: float | None = None) -> dict[str, Any]:
+        """eta^2 (SS / SS_total), partial eta^2 (SS / (SS + SS_resid)) and omega^2
+        ((SS - df MS_resid) / (SS_total + MS_resid)) of ``terms`` with intervals, the
+        F test of the terms together, and their SS. ``ss`` overrides the SS of the
+        point estimates (a group's is the sum of its terms' SS)."""
+        m, n = self.model, self.model.n
+        df = m.df(terms)
+        joint = m.ss(terms, self.typ)
+        ss = joint if ss is None else ss
+        F = (joint / df) / self.ms_e if self.ms_e > 0 else math.inf
+        p = float(stats.f.sf(F, df, self.df_e)) if math.isfinite(F) else 0.0
+        eta2 = ss / self.total if self.total > 0 else math.nan
+        partial = ss / (ss + self.rss) if ss + self.rss > 0 else math.nan
+        omega2 = (ss - df * self.ms_e) / (self.total + self.ms_e) if self.total + self.ms_e > 0 else math.nan
+        lam = noncentrality_interval(F, df, self.df_e, self.level)
+        share = share_interval(eta2, df, self.df_model - df, self.df_e, n, self.lam_all, self.level)
+        return {"df": df, "ss": ss, "F": F, "p": p, "eta2": eta2, "partial_eta2": partial, "omega2": omega2,
+                "lambda_ci": list(lam),
+                "eta2_ci": list(with_estimate(share, eta2)),
+                "omega2_ci": list(with_estimate(share, omega2)),
+                "partial_eta2_ci": list(with_estimate((lam[0] / (lam[0] + n), lam[1] / (lam[1] + n)), partial))}
+
+    def residual(self) -> dict[str, Any]:
+        n = self.model.n
+        share = self.rss / self.total if self.total > 0 else math.nan
+        # The residual's population share N / (lambda_model + N): the whole level on one interval.
+        lo, hi = noncentrality_interval(self.f_all, self.df_model, self.df_e, self.level) if self.df_model else (0, 0)
+        return {"df": self.df_e, "ss": self.rss, "share": share,
+                "share_ci": list(with_estimate((n / (hi + n), n / (lo + n)), share))}
 
 
-def grouped_shares(sizes: dict, terms: list[tuple[str, ...]], protocol_factors: list[str]) -> dict[str, float]:
-    shares = {g: 0.0 for g in GROUP_KEYS}
-    for t in terms:
-        shares[term_group(t)] += sizes[t]["eta2"]
-    shares["residual"] = sizes["residual"]["eta2"]
-    for f in protocol_factors:
-        shares[f"main:{f}"] = sizes[(f,)]["eta2"] if (f,) in sizes else 0.0
-        shares[f"involving:{f}"] = sum(sizes[t]["eta2"] for t in terms if f in t)
-    return shares
+def residual_name(order: int, factors: list[str]) -> str:
+    if order >= len(factors):
+        return "seed noise"
+    return f"seed noise + interactions of order > {order} (pooled)"
 
 
-def attribute(design: Design, counts: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+def attribute(design: Design, level: float = 0.95) -> dict[str, Any]:
     """The attribution section of the analysis (see docs/ANALYSIS.md)."""
     balance = design.balance()
     typ = 2 if balance["balanced"] else 3
     order, notes = choose_model(design) if design.factors else (0, ["no factor varies: all variance is residual"])
-    if order == 0 and design.factors:
-        return {"absent": notes[-1], "notes": notes, "anova_type": typ, "max_order": 0,
-                "n": len(design.frame)}
+    base = {"anova_type": typ, "max_order": order, "n": len(design.frame), "notes": notes, "interval_level": level}
+    if order == 0:
+        return {"absent": notes[-1], **base}
     terms = hierarchical_terms(design.factors, order)
-    protocol_factors = [f for f in design.factors if factor_group(f) == "protocol"]
-    result: dict[str, Any] = {
-        "anova_type": typ,
-        "why_type": ("balanced design" if typ == 2 else
-                     "unbalanced design or missing combinations"),
-        "max_order": order, "n": len(design.frame), "notes": notes, "bootstrap_draws": int(len(counts)),
-        "interval_level": level,
-    }
-    if len(design.seeds) < 5:
-        notes.append(f"only {len(design.seeds)} seed(s): intervals from resampling so few seeds are coarse "
-                     "(with 2 seeds a draw can repeat one seed, leaving no residual)")
     model = Model(design, terms)
-    point = model.sums_of_squares(np.ones(len(design.frame)), typ)
-    if terms:
-        table = statsmodels_table(design, order, typ)
-        ss = {t: float(table.loc[term_name(t), "sum_sq"]) for t in terms}
-        df = {t: float(table.loc[term_name(t), "df"]) for t in terms}
-        rss, df_resid = float(table.loc["Residual", "sum_sq"]), float(table.loc["Residual", "df"])
-        stats = {t: (float(table.loc[term_name(t), "F"]), float(table.loc[term_name(t), "PR(>F)"])) for t in terms}
-    else:
-        ss, df, rss, df_resid, stats = {}, {}, point["rss"], point["df_resid"], {}
-    sizes = effect_sizes(ss, df, rss, df_resid)
-    shares = grouped_shares(sizes, terms, protocol_factors)
-    boot = _bootstrap(model, design, counts, typ, terms, protocol_factors)
-    result["bootstrap_undefined"] = boot["undefined"]
-    if boot["undefined"]:
-        result["notes"].append(f"{boot['undefined']} of {len(counts)} bootstrap draws left out of the ANOVA "
-                               "intervals: they drew a single distinct seed, or no seed of some combination")
-    result["terms"] = [{
-        "term": term_name(t), "factors": list(t), "group": term_group(t), "df": df[t], "ss": ss[t],
-        "F": _num(stats[t][0]), "p": _num(stats[t][1]),
-        **{k: _num(v) for k, v in sizes[t].items()},
-        **{f"{k}_ci": [_num(x) for x in interval(boot[k][t], level)] for k in ("eta2", "partial_eta2", "omega2")},
-    } for t in terms]
-    result["residual"] = {"df": df_resid, "ss": rss, "share": _num(sizes["residual"]["eta2"]),
-                          "share_ci": [_num(x) for x in interval(boot["shares"]["residual"], level)]}
-    result["ss_total"] = point["ss_total"]
-    result["ss_sum"] = sum(ss.values()) + rss
-    result["additive"] = bool(abs(result["ss_sum"] - point["ss_total"]) <= 1e-9 * max(point["ss_total"], 1e-300))
+    sizes = _Sizes(model, typ, level)
+    if not sizes.rss > 0:
+        return {"absent": "no seed noise to test against (every seed gave the same result in every cell)", **base}
+    result: dict[str, Any] = {
+        **base, "why_type": "balanced design" if typ == 2 else "unbalanced design or missing combinations",
+        "interval": f"{100 * level:.0f}% intervals for the population values: noncentral F for partial eta^2 and "
+                    "the residual (Steiger 2004), the sample share's own distribution for eta^2 and omega^2",
+        "residual_name": residual_name(order, design.factors),
+    }
+    rows = {t: sizes.part([t]) for t in terms}
+    result["terms"] = [{"term": term_name(t), "factors": list(t), "group": term_group(t),
+                        **{k: _clean(v) for k, v in rows[t].items()}} for t in terms]
+    result["residual"] = {**{k: _clean(v) for k, v in sizes.residual().items()}, "name": result["residual_name"]}
+    result["ss_total"] = model.ss_total
+    result["ss_sum"] = sum(r["ss"] for r in rows.values()) + sizes.rss
+    result["additive"] = bool(abs(result["ss_sum"] - model.ss_total) <= 1e-9 * max(model.ss_total, 1e-300))
     if not result["additive"]:
-        result["notes"].append(f"unbalanced: the table's sums of squares add up to "
-                               f"{result['ss_sum'] / point['ss_total']:.3f} of the total; shares are "
-                               "fractions of the table's sum")
-    result["shares_all"] = {k: _num(v) for k, v in shares.items()}
-    result["shares_ci"] = {k: [_num(x) for x in interval(boot["shares"][k], level)] for k in shares}
+        notes.append(f"unbalanced: the terms' Type III sums of squares and the residual add up to "
+                     f"{result['ss_sum'] / model.ss_total:.3f} of the total sum of squares; every share is a "
+                     "fraction of the total, so the shares do not sum to 1")
+    groups: dict[str, list] = {g: [t for t in terms if term_group(t) == g] for g in GROUP_KEYS}
+    parts = {g: sizes.part(ts, sum(rows[t]["ss"] for t in ts)) for g, ts in groups.items() if ts}
+    protocol_factors = [f for f in design.factors if factor_group(f) == "protocol"]
+    for f in protocol_factors:
+        parts[f"main:{f}"] = rows[(f,)]
+        involving = [t for t in terms if f in t]
+        parts[f"involving:{f}"] = sizes.part(involving, sum(rows[t]["ss"] for t in involving))
+    result["groups"] = {k: {kk: _clean(v) for kk, v in p.items()} for k, p in parts.items()}
+    result["shares_all"] = {g: _clean(parts[g]["eta2"]) if g in parts else 0.0 for g in GROUP_KEYS}
+    result["shares_ci"] = {g: [_clean(x) for x in parts[g]["eta2_ci"]] if g in parts else [0.0, 0.0]
+                           for g in GROUP_KEYS}
+    for k in parts:
+        if ":" in k:
+            result["shares_all"][k] = _clean(parts[k]["eta2"])
+            result["shares_ci"][k] = [_clean(x) for x in parts[k]["eta2_ci"]]
+    result["shares_all"]["residual"] = result["residual"]["share"]
+    result["shares_ci"]["residual"] = result["residual"]["share_ci"]
+    result["empty_groups"] = [g for g in GROUP_KEYS if not groups[g]]
     return result
 
 
 def public_shares(attribution: dict[str, Any]) -> dict[str, float]:
-    """The four fractions the question is asked in (plus ``other`` when some factor
-    is neither method nor protocol); they sum to 1."""
+    """The fractions the question is asked in: method, protocol, budget, their
+    interactions and the residual (``other`` when some factor is neither). They
+    sum to 1 in a balanced design."""
     s = attribution["shares_all"]
-    out = {k: s[k] for k in ("method", "protocol", "method_x_protocol", "residual")}
+    out = {k: s[k] for k in ("method", "protocol", "budget", "method_x_protocol", "budget_x", "residual")}
     if s.get("other"):
         out["other"] = s["other"]
     return out
 
 
-def _bootstrap(model: Model, design: Design, counts: np.ndarray, typ: int, terms, protocol_factors):
-    keys = list(GROUP_KEYS) + ["residual"] + [f"{p}:{f}" for f in protocol_factors for p in ("main", "involving")]
-    boot = {"eta2": {t: [] for t in terms}, "partial_eta2": {t: [] for t in terms},
-            "omega2": {t: [] for t in terms}, "shares": {k: [] for k in keys}}
-    boot["undefined"] = 0
-    distinct = (counts > 0).sum(axis=1)
-    for w, k in zip(row_weights(design, counts), distinct):
-        # One distinct seed says nothing about seed noise (its residual would be 0),
-        # and a draw that misses every seed of some combination cannot fit the model.
-        fit = model.sums_of_squares(w, typ) if k >= 2 else {"estimable": False}
-        if not fit["estimable"]:
-            # The interval is conditional on the draws that can (their number is reported).
-            boot["undefined"] += 1
-            continue
-        sizes = effect_sizes(fit["ss"], fit["df"], fit["rss"], fit["df_resid"])
-        for t in terms:
-            for k in ("eta2", "partial_eta2", "omega2"):
-                boot[k][t].append(sizes[t][k])
-        for k, v in grouped_shares(sizes, terms, protocol_factors).items():
-            boot["shares"][k].append(v)
-    return boot
-
-
-def _num(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+def _clean(value):
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return nan_to_none(value) if isinstance(value, float) else value

@@ -15,8 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.queries import epoch_frame, list_studies
 from db.session import DatabaseError, make_engine, sqlite_url
 
-from .analyze import DRAWS, LEVEL, analyze_design
-from .design import AnalysisError, load_design, seed_counts
+from .analyze import CORRECTION, LEVEL, analyze_design
+from .design import AnalysisError, load_design
+from .inference import CORRECTIONS
 from .tables import format_text
 
 
@@ -25,9 +26,8 @@ class AnalysisOptions:
     study: str  # a study name, or the path of its YAML file
     out: Path = Path("results")
     db: str | None = None
-    draws: int = DRAWS
-    seed: int = 0
     level: float = LEVEL
+    correction: str = CORRECTION  # a key of inference.CORRECTIONS
 
 
 def study_name(arg: str) -> str:
@@ -72,8 +72,8 @@ def open_study(options: AnalysisOptions):
         raise AnalysisError(f"study {name!r} is not in {url} (studies there: {', '.join(known) or 'none'})")
     if not options.level or not 0 < options.level < 1:
         raise AnalysisError(f"--level: expected a fraction in (0, 1), got {options.level}")
-    if options.draws < 0:
-        raise AnalysisError(f"--bootstrap: expected >= 0 draws, got {options.draws}")
+    if options.correction not in CORRECTIONS:
+        raise AnalysisError(f"--correction: expected one of {', '.join(CORRECTIONS)}, got {options.correction!r}")
     return engine, name, options.out / name
 
 
@@ -109,7 +109,7 @@ def run_analysis(options: AnalysisOptions):
     design = load_design(engine, name)
     if design.cells.empty:
         raise AnalysisError(f"study {name!r} has no cells in the database")
-    result = jsonable(analyze_design(design, options.draws, options.seed, options.level))
+    result = jsonable(analyze_design(design, options.level, options.correction))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "analysis.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     return engine, name, folder, design, result
@@ -128,8 +128,7 @@ def cmd_analyze(options: AnalysisOptions, fmt: str) -> int:
 def make_plots(engine, name: str, design, result: dict, options: AnalysisOptions, folder: Path) -> list[Path]:
     from .curves import plot_all
 
-    counts = seed_counts(design.seeds, options.draws, np.random.default_rng(options.seed))
-    return plot_all(design, result, epoch_frame(engine, name), counts, folder, options.level)
+    return plot_all(design, result, epoch_frame(engine, name), folder, options.level)
 
 
 def cmd_plot(options: AnalysisOptions) -> int:
@@ -151,7 +150,7 @@ def cmd_report(options: AnalysisOptions) -> int:
     return 0
 
 
-def run_summary(engine, name: str, folder: Path, draws: int = 200) -> list[Path]:
+def run_summary(engine, name: str, folder: Path) -> list[Path]:
     """The quick analysis at the end of ``run``: shares with intervals, the
     headline sentences, analysis.json, the main-effects and variance-share plots."""
     from .plots import main_effects_plot, shares_plot
@@ -159,13 +158,11 @@ def run_summary(engine, name: str, folder: Path, draws: int = 200) -> list[Path]
     design = load_design(engine, name)
     if design.frame.empty:
         return []
-    result = jsonable(analyze_design(design, draws, 0, LEVEL))
+    result = jsonable(analyze_design(design))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "analysis.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     if "attribution" in result:
-        print(f"\nwhere the variance comes from ({draws} seed-bootstrap draws; "
-              f"full analysis: python -m orchestrator report {name}):")
+        print(f"\nwhere the variance comes from (full analysis: python -m orchestrator report {name}):")
         for line in result["headlines"]:
             print(f"- {line}")
-    counts = seed_counts(design.seeds, draws, np.random.default_rng(0))
-    return [*main_effects_plot(design, counts, folder), *shares_plot(result, folder), folder / "analysis.json"]
+    return [*main_effects_plot(design, folder), *shares_plot(result, folder), folder / "analysis.json"]

@@ -8,17 +8,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from .design import METRIC, Design
-from .plots import ACC_LABEL, errbar, grouped_means, plt, save, short
+from .design import COSTS, METHOD, Design, grouped_means
+from .plots import ACC_LABEL, errbar, plt, save, short
 
 # Cost metrics, in the order plotted, with axis labels (whichever the study has).
-COSTS = {
-    "synth_wall_s": "synthesis wall time (s)",
-    "label_storage_bytes": "soft-label storage (bytes)",
-    "synth_images_bytes": "distilled images (bytes)",
-    "gpu_hours": "GPU hours",
-    "time_train_s": "post-evaluation training time (s)",
-}
+ZERO_NOTES = {"labels_storage_bytes": "0 for every cell: no soft labels stored (hard or on-the-fly labels)",
+              "gpu_hours": "0 for every cell: post-evaluated on CPUs"}
 MAX_LINES = 12
 MAX_MARKERS = 8
 
@@ -106,22 +101,28 @@ def learning_curves(design: Design, epochs: pd.DataFrame, out: Path) -> list[Pat
     return save(fig, out, "learning_curves")
 
 
-def cost_plot(design: Design, counts: np.ndarray, out: Path, level: float = 0.95) -> list[Path]:
-    """Mean final top-1 per factor combination against each recorded cost."""
-    frame = design.frame
-    costs = [c for c in COSTS if c in frame and (pd.to_numeric(frame[c], errors="coerce") > 0).any()]
-    if not costs or frame.empty:
+def cost_plot(design: Design, out: Path, level: float = 0.95) -> list[Path]:
+    """Mean final top-1 per factor combination (baselines beside the methods)
+    against each recorded cost."""
+    if design.frame.empty:
         return []
-    colour_by = design.method or (design.factors[0] if design.factors else None)
+    frame = design.analysed()
+    for c in COSTS:
+        if c in frame:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    costs = [c for c in COSTS if c in frame and frame[c].notna().any()]
+    if not costs:
+        return []
+    colour_by = METHOD if METHOD in frame else (design.factors[0] if design.factors else None)
     marker_by = [f for f in design.factors if f != colour_by]
-    by = list(design.factors)
+    by = [colour_by, *marker_by] if colour_by else []
     if marker_by and frame.groupby(marker_by, observed=True).ngroups > MAX_MARKERS:
         by, marker_by = [colour_by], []  # too many settings to tell apart: average over them
-    stats = grouped_means(design, counts, by, level) if by else \
-        {(): (frame[METRIC].mean(), np.nan, np.nan, len(frame))}
+    stats = grouped_means(frame, by, level)
     cost_means = frame.groupby(by, observed=True)[costs].mean() if by else frame[costs].mean().to_frame().T
     colours, markers = plt.get_cmap("tab10"), "osD^v<>pPX*h"
-    colour_levels = design.levels.get(colour_by, [None]) if colour_by else [None]
+    colour_levels = list(dict.fromkeys([*design.levels.get(colour_by, []), *design.baseline_labels])) \
+        if colour_by == METHOD else design.levels.get(colour_by, [None]) if colour_by else [None]
     marker_keys = list(dict.fromkeys(tuple(str(k[by.index(f)]) for f in marker_by) for k in stats))
     cols = min(len(costs), 2)
     rows = -(-len(costs) // cols)
@@ -137,6 +138,9 @@ def cost_plot(design: Design, counts: np.ndarray, out: Path, level: float = 0.95
         values = cost_means[cost].to_numpy(float)
         if np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 30:
             ax.set_xscale("log")
+        if np.nanmax(np.abs(values)) == 0:  # recorded, and nothing spent: say so rather than drop the axis
+            ax.text(0.5, 0.04, ZERO_NOTES.get(cost, "0 for every cell"), transform=ax.transAxes, ha="center",
+                    fontsize=8, color="dimgray")
         ax.set_xlabel(COSTS[cost].replace("(s)", f"({unit})").replace("(bytes)", f"({unit})"))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(costs):]:
@@ -153,9 +157,9 @@ def cost_plot(design: Design, counts: np.ndarray, out: Path, level: float = 0.95
     if marker_handles:
         fig.legend(handles=marker_handles, title="marker: " + " / ".join(marker_by), loc="upper left",
                    bbox_to_anchor=(1.0, 0.48), frameon=False)
-    per = "factor combination" if by == list(design.factors) else f"{colour_by}, over all other factors"
+    per = "factor combination" if len(by) > 1 or not marker_by else f"{colour_by}, over all other factors"
     fig.suptitle(f"{design.study}: accuracy against cost (mean per {per}; "
-                 f"{100 * level:.0f}% seed-bootstrap interval)")
+                 f"{100 * level:.0f}% t interval over seeds)")
     fig.tight_layout()
     return save(fig, out, "accuracy_vs_cost")
 
@@ -173,14 +177,14 @@ def _unit(cost: str, values: np.ndarray) -> tuple[float, str]:
     return 1.0, ""
 
 
-def plot_all(design: Design, result: dict, epochs: pd.DataFrame | None, counts: np.ndarray, out: Path,
-             level: float = 0.95) -> list[Path]:
+def plot_all(design: Design, result: dict, epochs: pd.DataFrame | None, out: Path, level: float = 0.95
+             ) -> list[Path]:
     from .plots import interaction_plot, main_effects_plot, shares_plot
 
-    paths = main_effects_plot(design, counts, out, level)
-    paths += interaction_plot(design, counts, out, level)
+    paths = main_effects_plot(design, out, level)
+    paths += interaction_plot(design, out, level)
     paths += shares_plot(result, out)
     paths += bump_chart(result, out)
     paths += learning_curves(design, epochs, out)
-    paths += cost_plot(design, counts, out, level)
+    paths += cost_plot(design, out, level)
     return paths

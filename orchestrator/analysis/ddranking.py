@@ -1,21 +1,16 @@
-"""DD-Ranking's robustness metrics, on fractions (accuracies in [0, 1]).
+"""DD-Ranking's robustness metrics (arXiv 2505.13300), on fractions (accuracies in
+[0, 1]), each per seed on paired cells and then averaged:
 
 - HLR(m) = Acc(full_real, hard) - Acc(m, hard)
-- IOR(m, s) = Acc(m, s) - Acc(random_real, s)
+- IOR(m, s) = Acc(m, s) - Acc(random_real, s), the random subset evaluated with
+  the method's own recipe s (the twin cells of native_vs_unified)
 - LRS(m, s) = N(w IOR(m, s) - (1 - w) HLR(m)), w = 0.5
 - ARS(m) = N(g IOR(m, augment on) + (1 - g) IOR(m, augment off)), g = 0.5
 - N(x) = (e^x - e^-1) / (e - e^-1), which maps [-1, 1] onto [0, 1]
 
-What the study must contain (docs/ANALYSIS.md): a ``method`` factor; for HLR,
-``full_real`` cells with ``protocol.labels.mode`` = ``hard`` under the same
-protocol-factor levels as the method's hard-label cells (``method.*`` and other
-factors are ignored for full_real: it trains on the whole real set); for IOR,
-``random_real`` cells in the same setting (all non-method factors equal,
-IPC included); for LRS, each soft-label setting's hard-label twin (the same
-setting with ``protocol.labels.mode`` = ``hard``); for ARS, a factor named
-``protocol.augment`` with an "off" level (a mapping with crop none, flip false,
-mix none, no randaugment) and the other levels "on". Missing pieces are
-reported, never guessed.
+Intervals: Student t over the per-seed values (df = n - 1); N is increasing, so
+LRS and ARS take N of their argument's interval. What the study must contain:
+docs/ANALYSIS.md. Missing pieces are reported, never guessed.
 """
 from __future__ import annotations
 
@@ -25,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .comparisons import cube, setting_label, weighted_means
-from .design import Design, interval, level_text
+from .comparisons import baseline_cube, cube, setting_label
+from .design import METHOD, METRIC, Design, factor_group
+from .inference import nan_to_none, paired
 
 FULL, RANDOM = "full_real", "random_real"
 LABELS, AUGMENT = "protocol.labels.mode", "protocol.augment"
@@ -48,92 +44,113 @@ def is_augment_off(level: str) -> bool:
             and spec.get("mix") == "none" and not spec.get("randaugment") and spec.get("shuffle_patches", 1) <= 1)
 
 
-def ddranking(design: Design, counts: np.ndarray, level: float = 0.95) -> dict[str, Any]:
-    if design.method is None:
-        return {"absent": "needs a `method` factor (synthetic methods plus random_real / full_real)"}
-    settings, methods, y = cube(design)
-    point = weighted_means(y, np.ones((1, y.shape[-1])))[0]
-    boot = weighted_means(y, counts)
-    both = np.concatenate([point[None], boot])  # draw 0 is the point estimate
-    synthetic = [m for m in methods if m not in (FULL, RANDOM)]
-    mode = _mode_of(design)
-    ctx = _Context(settings, methods, both, level)
-    out: dict[str, Any] = {}
-
-    hlr: dict[tuple[str, int], np.ndarray] = {}
-    if FULL not in methods:
-        out["hlr"] = {"absent": f"no {FULL!r} cells (the whole real training set with hard labels)"}
-    elif mode is None:
-        out["hlr"] = {"absent": f"no {LABELS!r} factor: cannot tell which cells use hard labels"}
-    else:
-        proto = [f for f in settings[0] if f == "protocol" or f == "preset" or f.startswith("protocol.")]
-        for g, s in enumerate(settings):
-            if mode(s) != "hard":
-                continue
-            full = methods.index(FULL)
-            twins = [h for h, t in enumerate(settings)
-                     if all(t[f] == s[f] for f in proto) and not np.isnan(both[0, h, full])]
-            # full_real ignores IPC and synthesis settings: average its matching settings.
-            real = np.nanmean(both[:, twins, full], axis=-1) if twins else None
-            for m in synthetic:
-                if real is not None:
-                    hlr[m, g] = real - both[:, g, methods.index(m)]
-        out["hlr"] = ctx.rows(hlr) or {"absent": f"no setting has both {FULL!r} and a synthetic method under "
-                                                 f"{LABELS}=hard"}
-    ior: dict[tuple[str, int], np.ndarray] = {}
-    if RANDOM not in methods:
-        out["ior"] = {"absent": f"no {RANDOM!r} cells (a random real subset of the same IPC)"}
-    else:
-        for g in range(len(settings)):
-            for m in synthetic:
-                ior[m, g] = both[:, g, methods.index(m)] - both[:, g, methods.index(RANDOM)]
-        out["ior"] = ctx.rows(ior) or {"absent": "no synthetic method besides the baselines"}
-
-    lrs = {}
-    for (m, g), v in ior.items():
-        if mode is None or mode(settings[g]) == "hard":
-            continue
-        twin = ctx.find({**settings[g], LABELS: "hard"})
-        if twin is not None and (m, twin) in hlr:
-            lrs[m, g] = normalise(W_LRS * v - (1 - W_LRS) * hlr[m, twin])
-    out["lrs"] = ctx.rows(lrs) or {"absent": "needs IOR under a soft-label setting and HLR under its hard-label "
-                                             f"twin (same setting, {LABELS}=hard) for some method"}
-
-    ars = {}
-    off = [lv for lv in design.levels.get(AUGMENT, []) if is_augment_off(lv)] if AUGMENT in design.factors else []
-    for (m, g), v in ior.items():
-        if off and settings[g][AUGMENT] not in off:
-            twin = ctx.find({**settings[g], AUGMENT: off[0]})
-            if twin is not None and (m, twin) in ior:
-                ars[m, g] = normalise(G_ARS * v + (1 - G_ARS) * ior[m, twin])
-    out["ars"] = ctx.rows(ars) or {"absent": f"needs IOR with and without augmentation: a {AUGMENT!r} factor with "
-                                             "an 'off' level ({crop: none, flip: false, mix: none}) and random_real"}
+def full_real_cube(design: Design, full: str, settings, methods) -> np.ndarray:
+    """F[setting, method, seed]: full_real's result under the method's protocol
+    (every protocol-group factor equal, the recipe included; IPC and synthesis
+    settings do not apply to the whole real set), averaged over its matches."""
+    columns = [c for c in design.columns if factor_group(c) == "protocol"]
+    values: dict[tuple, list[float]] = {}
+    for r in design.baselines[design.baselines[METHOD] == full].to_dict("records"):
+        values.setdefault((tuple(str(r.get(c)) for c in columns), int(r["seed"])), []).append(r[METRIC])
+    factors = [f for f in design.factors if f != METHOD]
+    g_index = {tuple(s.values()): i for i, s in enumerate(settings)}
+    m_index = {m: i for i, m in enumerate(methods)}
+    s_index = {s: i for i, s in enumerate(design.seeds)}
+    out = np.full((len(settings), len(methods), len(design.seeds)), np.nan)
+    for r in design.frame.to_dict("records"):
+        key = (tuple(str(r.get(c)) for c in columns), int(r["seed"]))
+        if key in values:
+            out[g_index[tuple(str(r[f]) for f in factors)], m_index[str(r[METHOD])], s_index[key[1]]] = \
+                float(np.mean(values[key]))
     return out
 
 
-class _Context:
-    def __init__(self, settings, methods, both, level):
-        self.settings, self.methods, self.both, self.level = settings, methods, both, level
-        self.index = {tuple(sorted(s.items())): g for g, s in enumerate(settings)}
+def ddranking(design: Design, level: float = 0.95) -> dict[str, Any]:
+    settings, methods, y = cube(design)
+    if not methods:
+        return {"absent": "no method proper (every method is a baseline)"}
+    full, rnd = design.baseline_named(FULL), design.baseline_named(RANDOM)
+    mode = _mode_of(design, settings)
+    rows = _Rows(settings, level)
+    out: dict[str, Any] = {}
 
-    def find(self, setting: dict) -> int | None:
-        return self.index.get(tuple(sorted(setting.items())))
+    hlr: dict[tuple[int, int], np.ndarray] = {}
+    if full is None:
+        out["hlr"] = {"absent": f"no {FULL!r} cells (the whole real training set with hard labels)"}
+    elif mode is None:
+        out["hlr"] = {"absent": f"no {LABELS!r} setting recorded: cannot tell which cells use hard labels"}
+    else:
+        real = full_real_cube(design, full, settings, methods)
+        for g in range(len(settings)):
+            if mode(g) == "hard":
+                for i in range(len(methods)):
+                    if not np.all(np.isnan(real[g, i] - y[g, i])):
+                        hlr[g, i] = real[g, i] - y[g, i]
+        out["hlr"] = rows.linear(hlr, methods) or {
+            "absent": f"no {FULL!r} cell under the same protocol as a method's {LABELS}=hard cells"}
+    ior: dict[tuple[int, int], np.ndarray] = {}
+    if rnd is None:
+        out["ior"] = {"absent": f"no {RANDOM!r} cells (a random real subset of the same IPC)"}
+    else:
+        twin = baseline_cube(design, rnd, settings, methods)
+        for g in range(len(settings)):
+            for i in range(len(methods)):
+                if not np.all(np.isnan(y[g, i] - twin[g, i])):
+                    ior[g, i] = y[g, i] - twin[g, i]
+        out["ior"] = rows.linear(ior, methods) or {"absent": f"no {RANDOM!r} cell under the same recipe as a method"}
 
-    def rows(self, values: dict) -> dict | None:
-        rows = [{"method": m, "setting": setting_label(self.settings[g]), "value": _num(v[0]),
-                 "ci": [_num(x) for x in interval(v[1:], self.level)]}
-                for (m, g), v in values.items() if np.isfinite(v[0])]
+    index = {tuple(sorted(s.items())): g for g, s in enumerate(settings)}
+    lrs = {}
+    for (g, i), v in ior.items():
+        if mode is None or mode(g) == "hard":
+            continue
+        h = index.get(tuple(sorted({**settings[g], LABELS: "hard"}.items())))
+        if h is not None and (h, i) in hlr:
+            lrs[g, i] = W_LRS * v - (1 - W_LRS) * hlr[h, i]
+    out["lrs"] = rows.normalised(lrs, methods) or {
+        "absent": f"needs IOR under a soft-label setting and HLR under its hard-label twin (same setting, "
+                  f"{LABELS}=hard) for some method"}
+
+    ars = {}
+    off = [lv for lv in design.levels.get(AUGMENT, []) if is_augment_off(lv)] if AUGMENT in design.factors else []
+    for (g, i), v in ior.items():
+        if off and settings[g][AUGMENT] not in off:
+            h = index.get(tuple(sorted({**settings[g], AUGMENT: off[0]}.items())))
+            if h is not None and (h, i) in ior:
+                ars[g, i] = G_ARS * v + (1 - G_ARS) * ior[h, i]
+    out["ars"] = rows.normalised(ars, methods) or {
+        "absent": f"needs IOR with and without augmentation: a {AUGMENT!r} factor with an 'off' level "
+                  "({crop: none, flip: false, mix: none}) and random_real"}
+    return out
+
+
+class _Rows:
+    def __init__(self, settings, level):
+        self.settings, self.level = settings, level
+
+    def linear(self, values: dict, methods) -> dict | None:
+        rows = [{"method": methods[i], "setting": setting_label(self.settings[g]), "value": r.mean,
+                 "ci": [nan_to_none(c) for c in r.ci], "seeds": r.n, "p_t": nan_to_none(r.p_t),
+                 "p_sign_flip": nan_to_none(r.p_flip)}
+                for (g, i), v in values.items() for r in [paired(v, self.level)] if math.isfinite(r.mean)]
+        return {"rows": rows} if rows else None
+
+    def normalised(self, values: dict, methods) -> dict | None:
+        rows = []
+        for (g, i), v in values.items():
+            r = paired(v, self.level)
+            if math.isfinite(r.mean):
+                rows.append({"method": methods[i], "setting": setting_label(self.settings[g]),
+                             "value": float(normalise(r.mean)), "seeds": r.n,
+                             "ci": [nan_to_none(float(normalise(c))) if math.isfinite(c) else None for c in r.ci]})
         return {"rows": rows} if rows else None
 
 
-def _mode_of(design: Design):
+def _mode_of(design: Design, settings):
+    """Label mode of a setting: from the factor, or the one mode every cell shares."""
     if LABELS in design.factors:
-        return lambda s: s[LABELS]
+        return lambda g: settings[g][LABELS]
     if LABELS in design.frame and design.frame[LABELS].nunique() == 1:
-        constant = level_text(design.frame[LABELS].iloc[0])
-        return lambda s: constant
+        constant = str(design.frame[LABELS].iloc[0])
+        return lambda g: constant
     return None
-
-
-def _num(value) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)

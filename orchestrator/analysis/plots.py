@@ -1,6 +1,7 @@
 """Ablation plots (matplotlib, Agg; each written as PNG and PDF): main effects
-and interactions with seed-bootstrap intervals, variance-share bars. The rank
-bump chart, learning curves and accuracy-vs-cost plots are in curves.py."""
+and interactions with Student-t intervals over seeds, variance-share bars with
+intervals for the population shares. The rank bump chart, learning curves and
+accuracy-vs-cost plots are in curves.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,12 +12,14 @@ matplotlib.use("Agg")  # headless: plots are files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .design import METRIC, Design, interval, row_weights  # noqa: E402
+from .design import Design, grouped_means  # noqa: E402
 
-GROUP_COLOURS = {"method": "tab:blue", "protocol": "tab:orange", "method_x_protocol": "tab:purple",
-                 "other": "tab:olive", "residual": "tab:gray"}
-GROUP_LABELS = {"method": "method", "protocol": "protocol", "method_x_protocol": "method × protocol",
-                "other": "other factors", "residual": "residual (seeds)"}
+GROUP_COLOURS = {"method": "tab:blue", "protocol": "tab:orange", "budget": "tab:green",
+                 "method_x_protocol": "tab:purple", "budget_x": "tab:cyan", "other": "tab:olive",
+                 "residual": "tab:gray"}
+GROUP_LABELS = {"method": "method", "protocol": "protocol", "budget": "budget (IPC, labels)",
+                "method_x_protocol": "method × protocol", "budget_x": "budget × method/protocol",
+                "other": "other factors", "residual": "residual"}
 ACC_LABEL = "final top-1 accuracy (%)"
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -44,23 +47,6 @@ def set_level_ticks(ax, labels: list[str]) -> None:
     ax.set_xlim(-0.5, len(labels) - 0.5)
 
 
-def grouped_means(design: Design, counts: np.ndarray, by: list[str], level: float = 0.95):
-    """Mean top-1 per combination of ``by`` with a seed-bootstrap interval:
-    {key tuple: (mean, lo, hi, cells)}."""
-    frame = design.frame
-    y = frame[METRIC].to_numpy(float)
-    weights = row_weights(design, counts)
-    out = {}
-    for key, rows in frame.groupby(by, observed=True).indices.items():
-        key = key if isinstance(key, tuple) else (key,)
-        w = weights[:, rows]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            boot = (w @ y[rows]) / w.sum(axis=1)
-        lo, hi = interval(boot, level) if len(boot) else (np.nan, np.nan)
-        out[tuple(str(k) for k in key)] = (float(y[rows].mean()), lo, hi, len(rows))
-    return out
-
-
 def errbar(ax, xs, stats, **kwargs):
     means = np.array([s[0] for s in stats]) * 100
     lo = np.array([s[1] for s in stats]) * 100
@@ -70,9 +56,9 @@ def errbar(ax, xs, stats, **kwargs):
     return ax.errorbar(xs, means, yerr=yerr, capsize=4, **kwargs)
 
 
-def main_effects_plot(design: Design, counts: np.ndarray, out: Path, level: float = 0.95) -> list[Path]:
+def main_effects_plot(design: Design, out: Path, level: float = 0.95) -> list[Path]:
     """One panel per factor: mean final top-1 per level (over every analysed cell
-    at that level) with its seed-bootstrap interval."""
+    at that level) with its t interval over seeds."""
     factors = design.factors
     if not factors or design.frame.empty:
         return []
@@ -80,7 +66,7 @@ def main_effects_plot(design: Design, counts: np.ndarray, out: Path, level: floa
     rows = -(-len(factors) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.3 * rows + 0.6), squeeze=False, sharey=True)
     for ax, f in zip(axes.flat, factors):
-        stats = grouped_means(design, counts, [f], level)
+        stats = grouped_means(design.frame, [f], level)
         labels = [lv for lv in design.levels[f] if (lv,) in stats]
         errbar(ax, range(len(labels)), [stats[(lv,)] for lv in labels], color="tab:blue", lw=1.5)
         set_level_ticks(ax, labels)
@@ -90,13 +76,13 @@ def main_effects_plot(design: Design, counts: np.ndarray, out: Path, level: floa
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel(ACC_LABEL)
-    fig.suptitle(f"{design.study}: main effects on final top-1\n(mean over cells, "
-                 f"{100 * level:.0f}% seed-bootstrap interval)")
+    fig.suptitle(f"{design.study}: main effects on final top-1 (methods proper)\n(mean over cells, "
+                 f"{100 * level:.0f}% t interval over seeds)")
     fig.tight_layout()
     return save(fig, out, "main_effects")
 
 
-def interaction_plot(design: Design, counts: np.ndarray, out: Path, level: float = 0.95) -> list[Path]:
+def interaction_plot(design: Design, out: Path, level: float = 0.95) -> list[Path]:
     """Method x factor: one line per method over the levels of each other factor.
     Without a method factor: the first factor's lines over each other factor."""
     factors = design.factors
@@ -110,7 +96,7 @@ def interaction_plot(design: Design, counts: np.ndarray, out: Path, level: float
     colours = plt.get_cmap("tab10")
     handles = []
     for ax, f in zip(axes.flat, others):
-        stats = grouped_means(design, counts, [lines, f], level)
+        stats = grouped_means(design.frame, [lines, f], level)
         xlabels = design.levels[f]
         for i, m in enumerate(design.levels[lines]):
             present = [(x, stats[(m, lv)]) for x, lv in enumerate(xlabels) if (m, lv) in stats]
@@ -131,14 +117,14 @@ def interaction_plot(design: Design, counts: np.ndarray, out: Path, level: float
         row[0].set_ylabel(ACC_LABEL)
     fig.legend(handles=handles, title=lines, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(f"{design.study}: interactions (non-parallel lines = interaction; "
-                 f"{100 * level:.0f}% seed-bootstrap intervals)")
+                 f"{100 * level:.0f}% t intervals over seeds)")
     fig.tight_layout()
     return save(fig, out, "interactions")
 
 
 def shares_plot(result: dict, out: Path) -> list[Path]:
     """Left: the grouped shares of variance; right: eta^2 per ANOVA term; both
-    with seed-bootstrap intervals."""
+    with intervals for the population shares."""
     att = result.get("attribution")
     if not att or "absent" in att:
         return []
@@ -147,18 +133,21 @@ def shares_plot(result: dict, out: Path) -> list[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, max(3.2, 0.42 * max(len(terms) + 1, len(shares)) + 1.4)),
                                       gridspec_kw={"width_ratios": [1, 1.5]})
     keys = list(shares)
-    _hbars(left, [GROUP_LABELS[k] for k in keys], [shares[k] for k in keys], [ci[k] for k in keys],
-           [GROUP_COLOURS[k] for k in keys])
+    empty = set(att.get("empty_groups", []))
+    _hbars(left, [att["residual_name"] if k == "residual" else GROUP_LABELS[k] for k in keys],
+           [shares[k] for k in keys], [ci[k] for k in keys], [GROUP_COLOURS[k] for k in keys],
+           ["no factor" if k in empty else None for k in keys])
     left.set_title("share of variance by group")
-    names = [t["term"] for t in terms] + ["residual (seeds)"]
+    names = [t["term"] for t in terms] + [f"residual: {att['residual_name']}"]
     values = [t["eta2"] for t in terms] + [att["residual"]["share"]]
     cis = [t["eta2_ci"] for t in terms] + [att["residual"]["share_ci"]]
     colours = [GROUP_COLOURS[t["group"]] for t in terms] + [GROUP_COLOURS["residual"]]
     _hbars(right, [term_label(n) for n in names], values, cis, colours)
     right.set_title("η² per ANOVA term" + (f" (largest {len(terms)})" if len(att["terms"]) > len(terms) else ""))
-    level = f"{100 * result['bootstrap']['level']:.0f}%"
-    fig.suptitle(f"{result['study']}: where the accuracy differences come from\n(Type {'II' if att['anova_type'] == 2 else 'III'} ANOVA on "
-                 f"final top-1; bars = share of total sum of squares, whiskers = {level} seed-bootstrap interval)")
+    level = f"{100 * result['inference']['level']:.0f}%"
+    kind = "II" if att["anova_type"] == 2 else "III"
+    fig.suptitle(f"{result['study']}: where the accuracy differences come from\n(Type {kind} ANOVA on final top-1; "
+                 f"bars = share of total sum of squares, whiskers = {level} interval for the population share)")
     fig.tight_layout()
     return save(fig, out, "variance_shares")
 
@@ -171,7 +160,7 @@ def term_label(term: str, width: int = 46) -> str:
     return short(text, width)
 
 
-def _hbars(ax, labels, values, cis, colours) -> None:
+def _hbars(ax, labels, values, cis, colours, texts=None) -> None:
     ys = np.arange(len(labels))[::-1]
     vals = np.array([v or 0.0 for v in values]) * 100
     lo = np.array([c[0] if c and c[0] is not None else v for c, v in zip(cis, values)], dtype=float) * 100
@@ -179,8 +168,8 @@ def _hbars(ax, labels, values, cis, colours) -> None:
     ax.barh(ys, vals, height=0.65, color=colours, alpha=0.85)
     ax.errorbar(vals, ys, xerr=np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)]),
                 fmt="none", ecolor="black", capsize=3, lw=1)
-    for y, v, h in zip(ys, vals, hi):
-        ax.text(min(max(v, h if np.isfinite(h) else v), 100) + 1.5, y, f"{v:.1f}%", va="center", fontsize=8)
+    for y, v, h, text in zip(ys, vals, hi, texts or [None] * len(vals)):
+        ax.text(min(max(v, h if np.isfinite(h) else v), 100) + 1.5, y, text or f"{v:.1f}%", va="center", fontsize=8)
     ax.set_yticks(ys, labels)
     ax.set_xlim(0, 105)
     ax.set_xlabel("% of total sum of squares")

@@ -24,7 +24,8 @@ FIGURES = {
     "interactions": "Interactions: one line per method (or per level of the first factor) over each other factor.",
     "rank_bump": "Method ranks per protocol setting; crossing lines are ranking flips.",
     "learning_curves": "Learning curves: training loss per epoch, test top-1 at evaluated epochs.",
-    "accuracy_vs_cost": "Accuracy against cost (synthesis time, storage, training time) per factor combination.",
+    "accuracy_vs_cost": "Accuracy against cost (synthesis time, image and label storage, post-evaluation "
+                        "GPU/CPU hours, training time); baselines beside the methods.",
 }
 IGNORED_PROVENANCE = ("cell_key", "attempt")
 TABLE_LIMIT = 200
@@ -60,12 +61,14 @@ def analysis_environment() -> str:
 
 def build_blocks(engine, result: dict, figures: list[Path]) -> list[tuple[str, Any]]:
     study = result["study"]
-    boot = result["bootstrap"]
+    inf = result["inference"]
     blocks: list[tuple[str, Any]] = [("h1", f"Study report: {study}")]
     blocks.append(("p", f"THE result is `top1`, the final-epoch test accuracy (never selected on the test set). "
-                        f"Intervals: {100 * boot['level']:.0f}% percentile intervals from {boot['draws']} bootstrap "
-                        f"resamples of the seeds (bootstrap seed {boot['seed']}); a seed's cells move together, "
-                        "so paired comparisons stay paired. Definitions: docs/ANALYSIS.md."))
+                        f"Intervals at {100 * inf['level']:.0f}%, the seed as the unit of replication: Student t "
+                        "over seeds for means and paired differences (an exact sign-flip p beside each test), "
+                        f"{inf['correction']} correction over each family of comparisons, intervals for the "
+                        "population shares of variance. Baselines are shown beside the methods, outside their ANOVA, "
+                        "spread and ranks. Definitions and sources: docs/ANALYSIS.md."))
     blocks += [("h2", "Headlines"), ("ul", result["headlines"])]
     blocks += [("h2", "Design"), ("ul", design_lines(result))]
     notes = result.get("attribution", {}).get("notes", []) + absent_notes(result)
