@@ -181,6 +181,9 @@ class Announcing:
     def next_outcome(self) -> Outcome:
         return self.executor.next_outcome()
 
+    def node_capacity(self) -> dict[str, float]:
+        return self.executor.node_capacity()
+
 
 def _parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None

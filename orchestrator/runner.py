@@ -6,6 +6,14 @@ once (the driver is the only writer). Two executors share one interface: Ray
 tasks on a local or remote cluster, and an in-process one for debugging that
 gives identical numbers (same code, same seeds, same thread count).
 
+No core idles while work waits: a job of a shared stage (teacher, synthesis,
+stored labels) that every remaining result depends on is the critical path, since
+no cell can finish before it: it gets every CPU of a node (``widen``), and
+whatever else could run beside it waits. The rule reads only the plan, never the
+timing of a run, so both executors and every rerun of the same plan give a job
+the same thread count, and so the same numbers. Post-evaluations keep what they
+asked for.
+
 A failed job is retried when its failure is transient (orchestrator.failures),
 at most ``max_retries`` times; a job that failed for good fails every job
 downstream of it with ``UpstreamFailed``. Ray jobs beat to the run's heartbeat
@@ -27,7 +35,7 @@ from typing import Any, Callable
 
 from . import failures, localray
 from .failures import Failure
-from .plan import Node, Plan
+from .plan import RESULT_STAGES, Node, Plan
 from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
 from .resources import Resources, ResourcesSpec
 from .worker import Board, run_job
@@ -93,6 +101,10 @@ class LocalExecutor:
 
     def slots(self) -> dict[str, float]:
         return {"CPU": 1.0}
+
+    def node_capacity(self) -> dict[str, float]:
+        """What one job could use at most: this machine (jobs run one at a time)."""
+        return {"CPU": float(available_cpus()), "GPU": float(detect_gpus())}
 
     def close(self) -> None:
         self.queue.clear()
@@ -242,6 +254,16 @@ class RayExecutor:
     def slots(self) -> dict[str, float]:
         return {k: v for k, v in self.ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
+    def node_capacity(self) -> dict[str, float]:
+        """What one job could use at most: the largest node's CPUs and GPUs (a task
+        runs on one node), and no more than the cluster has."""
+        try:
+            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:  # noqa: BLE001 - no widening rather than no run
+            return {}
+        total = self.slots()
+        return {k: min(max((n.get(k, 0.0) for n in nodes), default=0.0), total.get(k, 0.0)) for k in ("CPU", "GPU")}
+
     def close(self) -> None:
         for ref in self.pending:
             try:
@@ -275,16 +297,56 @@ def detect_gpus() -> int:
         return 0
 
 
+def widen(asked: Resources, node: dict[str, float]) -> Resources:
+    """A critical-path job's request: every CPU of ``node`` (at least what it asked
+    for) and, when it asked for part of a GPU, the whole GPU."""
+    cpus = max(asked.cpus, float(int(node.get("CPU", 0.0))))
+    gpus = asked.gpus
+    if 0 < gpus < 1 and node.get("GPU", 0.0) >= 1:
+        gpus = 1.0
+    return Resources(cpus=cpus, gpus=gpus, memory=asked.memory)
+
+
+def critical(plan: Plan) -> set[str]:
+    """The shared-stage nodes that every result still to run depends on (the
+    teacher of a study whose cells all need it, the one synthesis of a
+    single-method study): each of them alone stands between the run and any result."""
+    dependents: dict[str, list[str]] = {}
+    for nid, n in plan.nodes.items():
+        for dep in n.deps:
+            dependents.setdefault(dep, []).append(nid)
+    results = {nid for nid, n in plan.nodes.items() if n.stage in RESULT_STAGES and not n.cached}
+    out = set()
+    for nid, n in plan.nodes.items():
+        if n.cached or n.stage in RESULT_STAGES or not results:
+            continue
+        seen, todo, reached = {nid}, [nid], 0
+        while todo:
+            for child in dependents.get(todo.pop(), []):
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+                    reached += child in results
+        if reached == len(results):
+            out.add(nid)
+    return out
+
+
 def execute(plan: Plan, executor, resources: ResourcesSpec | Resources,
             on_outcome: Callable[[Outcome], None], max_retries: int = 0) -> None:
     """Run every non-cached node of ``plan`` in dependency order, each with its
     node's resources (else its stage's from ``resources``), at most
     ``resources.max_concurrent`` at a time; a transient failure puts its node
-    back, up to ``max_retries`` times. ``on_outcome`` sees every outcome,
-    retried ones too (``retrying``), and one failure per node that cannot run
-    because an upstream node failed."""
+    back, up to ``max_retries`` times. A critical-path job gets every CPU of a
+    node (``widen``, within ``resources.max_cpus``).
+    ``on_outcome`` sees every outcome, retried ones too (``retrying``), and one
+    failure per node that cannot run because an upstream node failed."""
     flat = resources if isinstance(resources, Resources) else None
     cap = None if flat else resources.max_concurrent
+    capacity = dict(getattr(executor, "node_capacity", dict)())
+    if not flat and resources.max_cpus is not None and "CPU" in capacity:
+        capacity["CPU"] = min(capacity["CPU"], float(resources.max_cpus))
+    widened = critical(plan) if capacity else set()
     done = {nid for nid, n in plan.nodes.items() if n.cached}
     failed: set[str] = set()
     tries: Counter[str] = Counter()
@@ -298,7 +360,8 @@ def execute(plan: Plan, executor, resources: ResourcesSpec | Resources,
     def submit_ready() -> None:
         while ready and (cap is None or executor.inflight() < cap):
             node = plan.nodes[ready.popleft()]
-            executor.submit(node, node.resources or flat or resources.for_stage(node.stage))
+            asked = node.resources or flat or resources.for_stage(node.stage)
+            executor.submit(node, widen(asked, capacity) if node.id in widened else asked)
 
     def release(nid: str) -> None:
         for child in dependents.get(nid, []):

@@ -187,5 +187,6 @@ def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, 
                                            f"(resources.memory: {limit / 2**20:.0f} MiB): {failure}",
                                            failure.traceback)
             out = {"failure": asdict(failure), "wall_s": time.perf_counter() - t0, "host": socket.gethostname()}
-    out["job"] = {"start": started, "end": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    out["job"] = {"start": started, "end": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+                  "threads": max(1, int(threads))}
     return out
