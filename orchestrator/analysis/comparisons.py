@@ -51,27 +51,29 @@ def cube(design: Design) -> tuple[list[dict[str, str]], list[str], np.ndarray]:
     return settings, methods, y
 
 
-def _others(design: Design, row: dict) -> tuple:
-    """Every recorded factor but the method: what a baseline must share with a cell
-    to be its twin (the same setting, IPC and recipe)."""
-    return tuple(str(row.get(c)) for c in design.columns if c != METHOD)
+def baseline_cube(design: Design, baseline: str, settings, methods, columns: list[str] | None = None
+                  ) -> np.ndarray:
+    """B[setting, method, seed]: ``baseline``'s result in the cells that share with
+    each method's cell every factor in ``columns`` (default: every recorded factor
+    but the method, so the same setting, IPC and recipe: its twin), averaged over
+    several matches; NaN where the study has none."""
+    columns = [c for c in design.columns if c != METHOD] if columns is None else columns
 
+    def key(row) -> tuple:
+        return tuple(str(row.get(c)) for c in columns), int(row["seed"])
 
-def baseline_cube(design: Design, baseline: str, settings, methods) -> np.ndarray:
-    """B[setting, method, seed]: ``baseline``'s result under the same recipe as each
-    method's cells in each setting (NaN where the study has no such twin)."""
-    values: dict[tuple, float] = {}
+    values: dict[tuple, list[float]] = {}
     for r in design.baselines[design.baselines[METHOD] == baseline].to_dict("records"):
-        values[_others(design, r), int(r["seed"])] = r[METRIC]
+        values.setdefault(key(r), []).append(r[METRIC])
     factors = [f for f in design.factors if f != METHOD]
     g_index = {tuple(s.values()): i for i, s in enumerate(settings)}
     m_index = {m: i for i, m in enumerate(methods)}
     s_index = {s: i for i, s in enumerate(design.seeds)}
     out = np.full((len(settings), len(methods), len(design.seeds)), np.nan)
     for r in design.frame.to_dict("records"):
-        key = (_others(design, r), int(r["seed"]))
-        if key in values:
-            out[g_index[tuple(str(r[f]) for f in factors)], m_index[str(r[METHOD])], s_index[key[1]]] = values[key]
+        if key(r) in values:
+            out[g_index[tuple(str(r[f]) for f in factors)], m_index[str(r[METHOD])], s_index[int(r["seed"])]] = \
+                float(np.mean(values[key(r)]))
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .comparisons import baseline_cube, cube, setting_label
-from .design import METHOD, METRIC, Design, factor_group
+from .design import Design, factor_group
 from .inference import nan_to_none, paired
 
 FULL, RANDOM = "full_real", "random_real"
@@ -44,27 +44,6 @@ def is_augment_off(level: str) -> bool:
             and spec.get("mix") == "none" and not spec.get("randaugment") and spec.get("shuffle_patches", 1) <= 1)
 
 
-def full_real_cube(design: Design, full: str, settings, methods) -> np.ndarray:
-    """F[setting, method, seed]: full_real's result under the method's protocol
-    (every protocol-group factor equal, the recipe included; IPC and synthesis
-    settings do not apply to the whole real set), averaged over its matches."""
-    columns = [c for c in design.columns if factor_group(c) == "protocol"]
-    values: dict[tuple, list[float]] = {}
-    for r in design.baselines[design.baselines[METHOD] == full].to_dict("records"):
-        values.setdefault((tuple(str(r.get(c)) for c in columns), int(r["seed"])), []).append(r[METRIC])
-    factors = [f for f in design.factors if f != METHOD]
-    g_index = {tuple(s.values()): i for i, s in enumerate(settings)}
-    m_index = {m: i for i, m in enumerate(methods)}
-    s_index = {s: i for i, s in enumerate(design.seeds)}
-    out = np.full((len(settings), len(methods), len(design.seeds)), np.nan)
-    for r in design.frame.to_dict("records"):
-        key = (tuple(str(r.get(c)) for c in columns), int(r["seed"]))
-        if key in values:
-            out[g_index[tuple(str(r[f]) for f in factors)], m_index[str(r[METHOD])], s_index[key[1]]] = \
-                float(np.mean(values[key]))
-    return out
-
-
 def ddranking(design: Design, level: float = 0.95) -> dict[str, Any]:
     settings, methods, y = cube(design)
     if not methods:
@@ -80,7 +59,9 @@ def ddranking(design: Design, level: float = 0.95) -> dict[str, Any]:
     elif mode is None:
         out["hlr"] = {"absent": f"no {LABELS!r} setting recorded: cannot tell which cells use hard labels"}
     else:
-        real = full_real_cube(design, full, settings, methods)
+        # The whole real set under the method's protocol: IPC and synthesis settings do not apply to it.
+        real = baseline_cube(design, full, settings, methods,
+                             [c for c in design.columns if factor_group(c) == "protocol"])
         for g in range(len(settings)):
             if mode(g) == "hard":
                 for i in range(len(methods)):
