@@ -10,8 +10,10 @@ failing; every build is reported back in ``result["built"]``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from rd3core.artifacts import ArtifactStore
+from rd3core.artifacts import MANIFEST, ArtifactStore
 from rd3core.config import build
 from rd3core.data import HELDOUT_SEED, Dataset, carve_heldout, load_dataset
 from rd3core.loop import Runtime
@@ -75,6 +77,7 @@ def ensure(ctx: Context, ref: dict, load: bool = True) -> Any:
     """The verified state of artifact ``ref``, built first if missing or corrupt.
     ``load=False`` only makes sure it is in the store (returns None)."""
     stage, key = ref["stage"], ref["key"]
+    recorded = _recorded_threads(ctx.store, stage, key)  # read before a damaged copy is quarantined
     if load:
         state = ctx.store.load(stage, key)
         if state is not None:
@@ -82,10 +85,36 @@ def ensure(ctx: Context, ref: dict, load: bool = True) -> Any:
     elif ctx.store.info(stage, key, verify=True) is not None:
         return None
     t0 = time.perf_counter()
-    state, meta = PRODUCERS[stage](ctx, ref["payload"])
-    ctx.store.save(stage, key, state, {**meta, "params": _summary(ref["payload"])})
+    with _threads(recorded):
+        state, meta = PRODUCERS[stage](ctx, ref["payload"])
+        threads = torch.get_num_threads()
+    ctx.store.save(stage, key, state, {**meta, "threads": threads, "params": _summary(ref["payload"])})
     ctx.built.append({"stage": stage, "key": key, "wall_s": time.perf_counter() - t0, "meta": _numeric(meta)})
     return state
+
+
+def _recorded_threads(store: ArtifactStore, stage: str, key: str) -> int | None:
+    """The thread count a damaged artifact was built with, from its manifest. CPU
+    reductions round differently with another thread count, so a rebuild inside a
+    job that holds fewer CPUs than the plan gave the original (a critical-path
+    teacher rebuilt by a one-CPU post-evaluation) repeats the original's count to
+    give the same bytes."""
+    try:
+        threads = json.loads((store.path(stage, key) / MANIFEST).read_text())["meta"]["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
+@contextlib.contextmanager
+def _threads(count: int | None):
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _summary(payload: Any) -> Any:
