@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from elsewhere import RDEDConvNet, fit_plainly
 from orchestrator.cli import main
-from test_teacher_checkpoints import RDEDConvNet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TRAIN, TEST = 300, 100  # images per class taken from the tarball
@@ -61,15 +60,8 @@ def test_rded_layout_teacher_records_the_top1_rded_would_measure(subset, tmp_pat
     torch.manual_seed(0)
     net = RDEDConvNet(num_classes=10, depth=3, width=WIDTH, size=32)
     x, y = split_of(subset, "train")
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    net.train()
-    for _ in range(3):
-        for idx in torch.randperm(len(y)).split(64):
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    fit_plainly(net, x, y, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                epochs=3, batch=64)
     tx, ty = split_of(subset, "test")
     with torch.no_grad():
         direct = (net(tx).argmax(1) == ty).float().mean().item()

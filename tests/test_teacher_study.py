@@ -9,9 +9,9 @@ import sqlite3
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import run_cli
+from elsewhere import fit_plainly
 from orchestrator.cli import main
 from orchestrator.expand import expand
 from orchestrator.spec import load_study
@@ -32,15 +32,8 @@ def train_elsewhere(data, mean: float, std: float, seed: int = 0) -> torch.nn.Mo
     """A teacher as another codebase would make it: a plain loop, its own input normalisation."""
     torch.manual_seed(seed)
     model = create_model(ARCH, 10, 1, 16)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x, y = (data.train.images.float() - mean) / std, data.train.labels
-    for _ in range(5):
-        for idx in torch.randperm(len(y)).split(128):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    x = (data.train.images.float() - mean) / std
+    return fit_plainly(model, x, data.train.labels, torch.optim.Adam(model.parameters(), 1e-2), 5, 128)
 
 
 @torch.no_grad()
