@@ -99,6 +99,8 @@ def node_work(node, info, sizes) -> list[tuple[str, bool, int, int]]:
     p = node.payload
     if node.stage == "teacher":
         t = p["teacher"]
+        if "source" in p:  # weights made elsewhere: loaded, then one test evaluation
+            return [(t["arch"], False, 500, n_test)]
         return [(t["arch"], True, t["batch_size"], t["epochs"] * n_train), (t["arch"], False, 500, n_test)]
     teacher = (p.get("teacher") or {}).get("payload", {}).get("teacher", {}).get("arch")
     if node.stage == "synth":

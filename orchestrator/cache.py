@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .driver import RunOptions, check_capacity, db_url, pending_cells
 from .expand import Cell, expand
 from .plan import Plan, build_plan
 from .spec import Study, StudyError, load_study
+from .teachers import missing_hub_weights
 
 TMP_GRACE_S = 3600.0
 HISTORY_METRICS = ["time_train_s", "time_eval_s", "synth_wall_s"]
@@ -138,7 +140,9 @@ def estimate(todo: list[Cell], plan: Plan, history: History, store: ArtifactStor
         config = {"dataset": node.payload["dataset"], "method": node.payload["method"]}
         if synth.get(synth_profile(config)):
             synth_times.append(statistics.fmean(synth[synth_profile(config)]))
-    teacher_nodes = [n for n in plan.nodes.values() if n.stage == "teacher" and not n.cached]
+    # A loaded teacher costs one test evaluation: nothing to estimate from training runs.
+    teacher_nodes = [n for n in plan.nodes.values() if n.stage == "teacher" and not n.cached
+                     and "source" not in n.payload]
     teacher_times = []
     stored = [i for i in store.entries() if i.stage == "teacher"]
     for node in teacher_nodes:
@@ -184,8 +188,13 @@ def dry_run(path: str | Path, options: RunOptions) -> int:
           + (f"{len(skipped)} failed before and skipped (--retry-failed runs them), " if skipped else "")
           + f"{len(todo)} to run (dry run: nothing is run or written)")
     plan = build_plan(todo, store)
+    loaded, trained = plan.loaded_teachers()
     for stage, (need, cached) in plan.counts().items():
-        print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
+        # Teachers with weights made elsewhere are loaded and measured, never trained.
+        detail = f"  ({loaded} to load from their weights, {trained} to train)" if stage == "teacher" and loaded else ""
+        print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached{detail}")
+    for line in missing_hub_weights(study, plan):
+        print(f"warning: {line}", file=sys.stderr)
     if todo:
         for line in estimate(todo, plan, load_history(url), store):
             print(line)

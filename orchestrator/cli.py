@@ -18,6 +18,7 @@ from rd3core.data import data_env_var, list_datasets
 from rd3core.models import list_models
 from rd3core.protocol import list_presets
 from rd3core.synth import list_methods
+from rd3core.teachers import CheckpointError, list_layouts
 
 from . import yamlsrc
 from .analysis.design import AnalysisError
@@ -28,7 +29,8 @@ from .spec import StudyError
 DEFAULT_DB = os.environ.get("RD3_DB_URL") or None
 DB_HELP = "SQLAlchemy URL of the results DB (default: $RD3_DB_URL, else sqlite in --out)"
 
-LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods}
+LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods,
+         "layouts": list_layouts}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
         return 2
     except DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:  # a teacher's weights file changed or vanished after validation
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except DBAPIError as exc:  # the database failed under a running command (disk full, server gone, ...)

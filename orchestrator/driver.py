@@ -36,6 +36,7 @@ from .plan import assign_resources, build_plan
 from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
 from .spec import Study, StudyError, load_study, render
+from .teachers import fetch_hub_weights, uses_hub_weights
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ def run_study(path: str | Path, options: RunOptions) -> int:
     study = load_study(path)
     cells = expand(study)
     check_capacity(study, options)
+    if uses_hub_weights(cells):  # torchvision/timm weights of teachers not stored yet, before anything is written
+        fetch_hub_weights(study, build_plan(cells, ArtifactStore(options.out / "artifacts", readonly=True)))
     options.out.mkdir(parents=True, exist_ok=True)
     engine = make_engine(db_url(options))
     upgrade(engine)  # before any job runs; refuses a database from newer code

@@ -24,6 +24,7 @@ from rd3core.synth import METHODS
 from .design import NATIVE, Row
 from .factors import FactorPath, apply_level, parse_factor
 from .spec import MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render
+from .teachers import TeacherChecks, teacher_problems
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class _Resolver:
         self.params: dict[tuple, tuple[Any, dict] | list[Problem]] = {}
         self.teachers: dict[tuple, tuple[TeacherSpec, ...] | list[Problem]] = {}
         self.teacher_dicts: dict[TeacherSpec, dict] = {}
+        self.teacher_checks = TeacherChecks(self.spec.dataset)
         self.fields = [f.name for f in fields(Protocol)]
         self.groups = {name: tp for name, tp in field_types(Protocol).items() if is_dataclass(tp)}
         self.group_cache: dict[tuple[str, str], tuple[Any, dict] | list[Problem]] = {}
@@ -154,6 +156,9 @@ class _Resolver:
                                         f"teacher[{self.spec.teachers[i].arch}]")
                 except ConfigError as exc:
                     problems += exc.problems
+            for declared, teacher in zip(self.spec.teachers, teachers):
+                if teacher != declared and not problems:  # changed by a level: its weights against the dataset
+                    problems += self.teacher_checks.problems(teacher, f"teacher[{declared.arch}]")
             archs = [t.arch for t in teachers]
             if len(set(archs)) != len(archs):
                 problems.append(Problem("teachers", f"two teachers with the same arch: {archs}"))
@@ -161,8 +166,10 @@ class _Resolver:
         return self.teachers[key]
 
     def teacher_dict(self, teacher: TeacherSpec) -> dict:
+        """What a cell records and is keyed by for ``teacher``: its identity
+        (a loaded teacher's file by content digest, never by path)."""
         if teacher not in self.teacher_dicts:
-            self.teacher_dicts[teacher] = to_dict(teacher)
+            self.teacher_dicts[teacher] = teacher.identity()
         return self.teacher_dicts[teacher]
 
 
@@ -184,6 +191,9 @@ def _cell_teachers(protocol: Protocol, teachers: tuple[TeacherSpec, ...], needs_
 
 def expand(study: Study) -> list[Cell]:
     spec = study.spec
+    found = teacher_problems(spec)  # weights made elsewhere against the dataset (reads checkpoint files)
+    if found:
+        raise StudyError(render(study.source, found))
     resolver = _Resolver(study)
     by_label = {m.label: m for m in study.methods}
     columns = study.factor_columns

@@ -34,6 +34,7 @@ from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, poste
 from rd3core.protocol import Protocol
 from rd3core.stored_labels import StoredLabels
 from rd3core.synth import METHODS, DistilledSet, synthesize
+from rd3core.teachers import load_pretrained, network_of, teacher_model
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,8 +141,12 @@ def load_teacher(ctx: Context, ref: dict) -> torch.nn.Module:
     if cache_key not in _TEACHERS:
         state = ensure(ctx, ref)
         spec = build(TeacherSpec, ref["payload"]["teacher"])
-        model = build_model(spec.arch, _get_dataset(ref["payload"]["dataset"]), spec.seed)
-        model.load_state_dict(state["state_dict"])
+        dataset = _get_dataset(ref["payload"]["dataset"])
+        if spec.loaded:  # the stored network, seen through the dataset's normalisation and classes
+            model, network = teacher_model(spec, dataset)
+        else:
+            model = network = build_model(spec.arch, dataset, spec.seed)
+        network.load_state_dict(state["state_dict"])
         if len(_TEACHERS) >= 8:
             _TEACHERS.pop(next(iter(_TEACHERS)))
         _TEACHERS[cache_key] = model.to(ctx.runtime.device).eval()
@@ -150,10 +155,19 @@ def load_teacher(ctx: Context, ref: dict) -> torch.nn.Module:
 
 @producer("teacher")
 def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
+    """Train the teacher, or load its weights made elsewhere (nothing trained;
+    the test top-1 measured once). The stored state is the network's own."""
     dataset = _get_dataset(payload["dataset"])
-    result = train_teacher(dataset, build(TeacherSpec, payload["teacher"]), ctx.runtime)
-    state = {"state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
-    return state, {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
+    spec = build(TeacherSpec, payload["teacher"])
+    source = None
+    if spec.loaded:
+        result, source = load_pretrained(dataset, spec, ctx.runtime, payload["source"].get("sha256"))
+    else:
+        result = train_teacher(dataset, spec, ctx.runtime)
+    network = network_of(result.model)
+    state = {"state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}
+    meta = {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
+    return state, meta if source is None else {**meta, "source": source}
 
 
 @producer("synth")

@@ -25,6 +25,7 @@ from rd3core.artifacts import ArtifactStore, stage_key
 from rd3core.config import to_dict
 from rd3core.stored_labels import protocol_params as stored_label_params
 from rd3core.synth import METHODS
+from rd3core.teachers import TeacherSpec
 
 from .expand import Cell
 from .resources import Resources, ResourcesSpec
@@ -73,6 +74,13 @@ class Plan:
         deps = tuple(dict.fromkeys(n.id for n in upstream.values()))
         return self.add(Node(stage, key, deps, payload, cached=store.exists(stage, key)))
 
+    def loaded_teachers(self) -> tuple[int, int]:
+        """(teachers to load from weights made elsewhere, teachers to train), of
+        the teacher nodes to run."""
+        todo = [n for n in self.nodes.values() if n.stage == "teacher" and not n.cached]
+        loaded = sum(1 for n in todo if "source" in n.payload)
+        return loaded, len(todo) - loaded
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """stage -> (runs needed, cached), in pipeline order."""
         need = Counter(n.stage for n in self.nodes.values() if not n.cached)
@@ -85,8 +93,15 @@ class Plan:
         return {(n.stage, n.key) for n in self.nodes.values() if n.stage not in RESULT_STAGES}
 
 
-def teacher_params(dataset: dict, teacher: dict) -> dict:
-    return {"dataset": dataset, "teacher": teacher}
+def teacher_node(dataset: dict, teacher: TeacherSpec) -> tuple[dict, dict]:
+    """(params, payload) of a teacher node. It is keyed by the teacher's
+    identity (a checkpoint by its content digest, not its path); a loaded
+    teacher's payload also carries its settings as written (the file's path)
+    and the source it was planned with, which the job checks the file against."""
+    params = {"dataset": dataset, "teacher": teacher.identity()}
+    if not teacher.loaded:
+        return params, params
+    return params, {"dataset": dataset, "teacher": teacher.settings(), "source": params["teacher"]["source"]}
 
 
 def synth_params(cell: Cell) -> dict:
@@ -109,8 +124,8 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
         dataset = to_dict(cell.dataset)
         teachers: dict[str, Node] = {}
         for teacher in cell.teachers:
-            params = teacher_params(dataset, to_dict(teacher))
-            teachers[teacher.arch] = plan.stage(store, "teacher", STAGE_VERSIONS["teacher"], params, params)
+            params, payload = teacher_node(dataset, teacher)
+            teachers[teacher.arch] = plan.stage(store, "teacher", STAGE_VERSIONS["teacher"], params, payload)
         method = METHODS.get(cell.method.name)
         primary = teachers[cell.teachers[0].arch] if method.needs_teacher else None
         synth = plan.stage(store, "synth", method.version, synth_params(cell),

@@ -85,24 +85,68 @@ for _arch in ("resnet18", "resnet50", "resnet101"):
     MODELS.add(_arch, _small_stem_resnet(_arch))
 
 
+def timm_model(name: str, num_classes: int, channels: int, size: int, **kwargs) -> nn.Module:
+    """timm model ``name`` (``<arch>`` or ``<arch>.<tag>``) for ``size`` px inputs:
+    models that take an input size (ViTs, ...) are built for it, the others
+    (CNNs) take any size. ``kwargs`` go to ``timm.create_model`` (pretrained)."""
+    import timm
+
+    args = dict(num_classes=num_classes, in_chans=channels, **kwargs)
+    try:
+        return timm.create_model(name, img_size=size, **args)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+    return timm.create_model(name, **args)
+
+
+def _timm_known(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _torchvision_known(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models()
+
+
 def _resolve_external(name: str) -> Factory | None:
-    if name.startswith("timm/"):
+    # Only names the library knows resolve: a typo is a validation error, not a
+    # failure hours later in a worker.
+    if name.startswith("timm/") and _timm_known(name[5:]):
         def build(num_classes: int, channels: int, size: int) -> nn.Module:
-            import timm
-            return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, in_chans=channels)
+            return timm_model(name[5:], num_classes, channels, size, pretrained=False)
         return build
-    if name.startswith("tv/"):
+    if name.startswith("tv/") and _torchvision_known(name[3:]):
         def build(num_classes: int, channels: int, size: int) -> nn.Module:
             import torchvision
-            model = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
             if channels != 3:
                 raise ValueError(f"model {name!r} expects 3 input channels, the dataset has {channels}")
-            return model
+            return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
         return build
     return None
 
 
-MODELS.add_resolver(_resolve_external)
+def _external_hint(name: str) -> str | None:
+    import difflib
+
+    if name.startswith("timm/"):
+        import timm
+        library, names = f"timm {timm.__version__}", timm.list_models()
+    elif name.startswith("tv/"):
+        import torchvision
+        library, names = f"torchvision {torchvision.__version__}", torchvision.models.list_models()
+    else:
+        return None
+    prefix, _, short = name.partition("/")
+    close = difflib.get_close_matches(short, names, n=3)
+    hint = f"; did you mean {', '.join(prefix + '/' + c for c in close)}?" if close else ""
+    return f"{library} has no model {short!r}{hint}"
+
+
+MODELS.add_resolver(_resolve_external, _external_hint)
 
 
 def create_model(name: str, num_classes: int, channels: int, size: int) -> nn.Module:

@@ -4,52 +4,28 @@ Usable from a notebook without the orchestrator::
 
     data = load_dataset("digits")  # carve_heldout(data, 5): also select epochs on held-out images
     teacher = train_teacher(data, TeacherSpec(arch="convnet3", epochs=20))
+    # or weights made elsewhere, measured on the test set once (rd3core.teachers):
+    # teacher, source = load_pretrained(data, TeacherSpec(arch="convnet3-bn", checkpoint="conv3.pth",
+    #                                                     layout="rded", input_norm="imagenet"))
     distilled = synthesize("random_real", data, None, RandomRealParams(ipc=10), seed=0)
     result = posteval(distilled, data, resolve_protocol("rd3", "digits"), {"convnet3": teacher.model}, seed=0)
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import nn
 
-from .augment import AugmentSpec
 from .data import Dataset, Split, as_float
 from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
 from .loop import Runtime, TrainResult, train
-from .models import MODELS, create_model
-from .protocol import LabelSpec, OptimSpec, Protocol, ScheduleSpec, batch_size_for
+from .models import create_model
+from .protocol import LabelSpec, Protocol, batch_size_for
 from .seeding import derive_seed, seed_everything
 from .stored_labels import StoredLabeler, StoredLabels, precompute, signature
 from .synth import DistilledSet
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """How a teacher is pretrained on the real training split (hard labels)."""
-
-    arch: str = "convnet3"
-    epochs: int = 30
-    batch_size: int = 128
-    optim: OptimSpec = field(default_factory=lambda: OptimSpec(name="sgd", lr=0.05, weight_decay=5e-4))
-    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
-    augment: AugmentSpec = field(default_factory=lambda: AugmentSpec(crop="pad", padding=4, flip=True, mix="none"))
-    seed: int = 0
-
-    def validate(self):
-        if self.arch not in MODELS:
-            yield "arch", MODELS.unknown_message(self.arch)
-        if self.epochs < 1:
-            yield "epochs", f"expected >= 1, got {self.epochs}"
-        if self.batch_size < 1:
-            yield "batch_size", f"expected >= 1, got {self.batch_size}"
-
-    def protocol(self) -> Protocol:
-        return Protocol(student=self.arch, epochs=self.epochs, batch_size=self.batch_size, augment=self.augment,
-                        labels=LabelSpec(mode="hard"), optim=self.optim, schedule=self.schedule)
+from .teachers import TeacherSpec, load_pretrained  # noqa: F401  (re-exported: the pipeline's teacher API)
 
 
 def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
@@ -58,7 +34,10 @@ def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
 
 
 def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime()) -> TrainResult:
-    """Pretrain through the same kernel as post-evaluation; records test top-1."""
+    """Pretrain through the same kernel as post-evaluation; records test top-1.
+    (A teacher with weights made elsewhere is loaded instead: ``load_pretrained``.)"""
+    if spec.loaded:
+        raise ValueError(f"teacher {spec.arch!r} has {spec.source} weights: load it with load_pretrained")
     model = build_model(spec.arch, dataset, spec.seed)
     return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
                  seed=spec.seed, runtime=runtime, test=dataset.test)

@@ -25,6 +25,9 @@ class Registry(Generic[T]):
         # Resolvers handle open-ended families such as "timm/<name>" that cannot
         # be enumerated up front; each returns None when the name is not theirs.
         self._resolvers: list[Callable[[str], T | None]] = []
+        # Per-family messages for a name a resolver's family does not know
+        # ("timm/<typo>"): the registry's own list would not show the family's names.
+        self._hints: list[Callable[[str], str | None]] = []
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -38,8 +41,11 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} registered twice")
         self._entries[name] = obj
 
-    def add_resolver(self, resolver: Callable[[str], T | None]) -> None:
+    def add_resolver(self, resolver: Callable[[str], T | None],
+                     hint: Callable[[str], str | None] | None = None) -> None:
         self._resolvers.append(resolver)
+        if hint is not None:
+            self._hints.append(hint)
 
     def get(self, name: str) -> T:
         if name in self._entries:
@@ -51,6 +57,10 @@ class Registry(Generic[T]):
         raise UnknownName(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
+        for hint in self._hints:
+            text = hint(str(name))
+            if text:
+                return f"unknown {self.kind} {name!r}: {text}"
         close = difflib.get_close_matches(str(name), self.names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"

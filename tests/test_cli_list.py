@@ -1,4 +1,4 @@
-"""`python -m orchestrator list presets|datasets|models|methods`: one registered
+"""`python -m orchestrator list presets|datasets|models|methods|layouts`: one registered
 name per line, fed by the registries, and the names the project must have."""
 import pytest
 
@@ -8,14 +8,17 @@ from rd3core.data import list_datasets
 from rd3core.models import list_models
 from rd3core.protocol import list_presets
 from rd3core.synth import list_methods
+from rd3core.teachers import list_layouts
 
-REGISTRIES = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods}
+REGISTRIES = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods,
+              "layouts": list_layouts}
 # What issue 3 says must exist (more may be registered).
 REQUIRED = {
     "presets": {"sre2l", "cda", "rded", "gvbsm", "edc", "dwa", "lpld", "scdd", "ddranking", "rd3"},
     "datasets": {"digits", "cifar10", "cifar100", "tinyimagenet", "imagenet1k", "imagenette", "imagewoof"},
     "methods": {"random_real", "sre2l", "cda", "rded", "herding"},
     "models": {"convnet3", "resnet18"},
+    "layouts": {"ours", "torchvision", "timm", "rded", "dc"},  # issue 10: teachers' checkpoint layouts
 }
 
 

@@ -53,3 +53,20 @@ def test_timm_and_torchvision_names_resolve():
 def test_unknown_model_names_suggest_close_matches():
     with pytest.raises(UnknownName, match="did you mean"):
         create_model("resnet81", 10, 3, 32)
+
+
+def test_timm_and_torchvision_names_they_do_not_know_are_unknown():
+    # Any timm/<name> used to resolve, failing only when a worker built it.
+    for name in ("timm/resnet18x", "tv/resnet181"):
+        assert name not in MODELS
+        with pytest.raises(UnknownName, match="has no model"):
+            create_model(name, 10, 3, 32)
+    assert "did you mean timm/resnet18" in MODELS.unknown_message("timm/resnet18x")
+    assert "timm/resnet18.a1_in1k" in MODELS  # a pretrained tag names the same architecture
+
+
+def test_timm_models_get_the_dataset_input_size():
+    # A ViT is built for the dataset's side (img_size), a CNN takes any size.
+    vit = create_model("timm/vit_tiny_patch16_224", 10, 3, 32)
+    assert vit.patch_embed.img_size == (32, 32)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 10)

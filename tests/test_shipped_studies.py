@@ -64,6 +64,17 @@ def test_the_reviewers_sweeps(data_dirs):
     assert len(teachers["teacher.arch"]) >= 2
 
 
+def test_rd3_imagenet1k_uses_torchvisions_pretrained_resnet18_as_rd3_does(data_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # validating needs no weights file
+    study = load_study(ROOT / "studies" / "rd3_imagenet1k.yaml")
+    [teacher] = study.spec.teachers
+    assert (teacher.arch, teacher.weights, teacher.source) == ("resnet18", "torchvision:ResNet18_Weights.IMAGENET1K_V1",
+                                                               "torchvision")
+    from orchestrator.expand import expand
+    cells = expand(study)
+    assert {c.config["teachers"][0]["source"]["file"] for c in cells if c.teachers} == {"resnet18-f37072fd.pth"}
+
+
 def test_a_study_without_its_data_says_where_to_give_it(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("RD3_DATA_CIFAR10", raising=False)
     path = ROOT / "studies" / "rd3_cifar10.yaml"
