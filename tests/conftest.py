@@ -60,6 +60,28 @@ def cifar_tarball() -> Path:
     return SHARED_CIFAR
 
 
+def cifar_subset(tarball: Path, root: Path, train: int, test: int) -> Path:
+    """``root/train/<class>/`` and ``root/test/<class>/`` holding the first ``train``
+    and ``test`` images of each class of the real tarball, JPEG bytes unchanged."""
+    import tarfile
+
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(tarball) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
+                continue
+            split, cls = parts[-3], parts[-2]
+            if taken.get((split, cls), 0) >= (train if split == "train" else test):
+                continue
+            taken[split, cls] = taken.get((split, cls), 0) + 1
+            target = root / split / cls / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    assert len(taken) == 20 and set(taken.values()) == {train, test}
+    return root
+
+
 # --- Databases: the db tests run the same code on SQLite and on a real PostgreSQL ---
 
 @pytest.fixture(scope="session")

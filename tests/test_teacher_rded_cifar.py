@@ -5,7 +5,6 @@ state_dict}, then used as a study teacher (layout: rded, input_norm:
 imagenet). The test top-1 the run records equals what evaluating that network
 directly on the same JPEGs, normalised the way RDED's evaluation does, gives."""
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cifar_subset
 from elsewhere import RDEDConvNet, fit_plainly
 from orchestrator.cli import main
 
@@ -23,23 +23,7 @@ WIDTH = 32  # RDED's conv3 has width 128; the layout is the same at any width
 
 @pytest.fixture
 def subset(cifar_tarball, tmp_path) -> Path:
-    """train/<class>/ and test/<class>/ with the first images of each class, JPEG bytes unchanged."""
-    root = tmp_path / "cifar_subset"
-    taken: dict[tuple[str, str], int] = {}
-    with tarfile.open(cifar_tarball) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
-                continue
-            split, cls = parts[-3], parts[-2]
-            if taken.get((split, cls), 0) >= (TRAIN if split == "train" else TEST):
-                continue
-            taken[split, cls] = taken.get((split, cls), 0) + 1
-            target = root / split / cls / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    assert len(taken) == 20 and set(taken.values()) == {TRAIN, TEST}
-    return root
+    return cifar_subset(cifar_tarball, tmp_path / "cifar_subset", TRAIN, TEST)
 
 
 def as_rded_sees_it(files: list[Path]) -> torch.Tensor:
