@@ -11,12 +11,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps make reruns instant; they are redone when pyproject.toml changes.
-$(VENV)/.setup: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+$(VENV)/.setup: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
-	$(PY) -m pip install -q -e '.[dev]'
+$(VENV)/.setup-dev: pyproject.toml constraints.txt $(VENV)/.setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.setup

@@ -29,12 +29,17 @@ from .spec import StudyError
 DEFAULT_DB = os.environ.get("RD3_DB_URL") or None
 DB_HELP = "SQLAlchemy URL of the results DB (default: $RD3_DB_URL, else sqlite in --out)"
 
+def console() -> int:
+    """The ``rd3`` console script: the same commands as ``python -m orchestrator``."""
+    return main(prog="rd3")
+
+
 LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods,
          "layouts": list_layouts}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator",
+def build_parser(prog: str = "python -m orchestrator") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="RD3 Bench: fair post-evaluation studies for dataset distillation")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -131,9 +136,9 @@ def use_data_path(study: Path, data: Path) -> None:
         os.environ[data_env_var(name)] = str(data.expanduser().resolve())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m orchestrator") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         if getattr(args, "data", None) is not None:
             use_data_path(args.study, args.data)

@@ -32,19 +32,27 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+# The Ray minor release the tests run (constraints.txt). Under any other the lean
+# head is not tried: the instance starts through the public ray.init.
+TESTED_RAY = "2.60"
+
+
+def tested(version: str) -> bool:
+    return version.split(".")[:2] == TESTED_RAY.split(".")
+
 
 def start(ray, num_cpus: int, num_gpus: int, temp_dir: str) -> Any | None:
     """Start the embedded instance and connect this driver to it. Returns its
     head node, for :func:`stop` after ``ray.shutdown()``; None when it fell back
     to ``ray.init``, which then owns the instance (``ray.shutdown()`` ends it)."""
+    if not tested(ray.__version__):
+        return public_start(ray, num_cpus, num_gpus, temp_dir,
+                            f"Ray {ray.__version__} is not the tested {TESTED_RAY}.x")
     try:
         node = lean_head(num_cpus, num_gpus, temp_dir)
     except Exception as exc:  # noqa: BLE001 - a Ray whose internals differ: its public start still works
-        print(f"note: Ray {ray.__version__} cannot start a lean local instance ({type(exc).__name__}: {exc}); "
-              f"starting it with ray.init (slower)", file=sys.stderr)
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir,
-                 logging_level="ERROR", log_to_driver=True)
-        return None
+        return public_start(ray, num_cpus, num_gpus, temp_dir,
+                            f"Ray {ray.__version__} cannot start a lean local instance ({type(exc).__name__}: {exc})")
     try:
         # Nothing to forward without a log monitor, so no subscriber for it either.
         ray.init(address=node.address, logging_level="ERROR", log_to_driver=False)
@@ -52,6 +60,14 @@ def start(ray, num_cpus: int, num_gpus: int, temp_dir: str) -> Any | None:
         stop(node)
         raise
     return node
+
+
+def public_start(ray, num_cpus: int, num_gpus: int, temp_dir: str, why: str) -> None:
+    """The instance as ``ray.init`` starts it (public API; slower to start)."""
+    print(f"note: {why}; starting it with ray.init (slower)", file=sys.stderr)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir,
+             logging_level="ERROR", log_to_driver=True)
+    return None
 
 
 def lean_head(num_cpus: int, num_gpus: int, temp_dir: str):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from rd3core import Runtime
 from rd3core.data import DatasetInfo, list_datasets, load_dataset, load_imagefolder
-from rd3core.imagefiles import StreamSplit, list_directory
+from rd3core.data.imagefiles import StreamSplit, list_directory
 from rd3core.loop import evaluate
 from rd3core.pipeline import TeacherSpec, build_model, posteval, train_teacher
 from rd3core.protocol import resolve_protocol

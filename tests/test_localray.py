@@ -1,7 +1,8 @@
 """The embedded Ray instance (orchestrator.localray), started by RayExecutor in a
 fresh process, as `run` starts it: jobs run on it, it has no autoscaler
 monitor, API server or log monitor, and close() leaves none of its processes.
-Where the lean start fails, the executor falls back to ray.init and says so."""
+Where the lean start fails, or the Ray release is not the tested one, the
+executor falls back to ray.init and says so."""
 import json
 import os
 import subprocess
@@ -21,6 +22,9 @@ if {broken!r} == "before":
     def lean_head(*args):
         raise TypeError("RayParams.__init__() got an unexpected keyword argument 'no_monitor'")
     localray.lean_head = lean_head
+elif {broken!r} == "version":  # a Ray release the tests never ran
+    import ray
+    ray.__version__ = "2.99.0"
 elif {broken!r} == "halfway":  # the GCS is up when the raylet fails to start
     from ray._private.node import Node
     real = Node.start_ray_processes
@@ -80,6 +84,23 @@ def test_without_the_lean_start_the_executor_falls_back_to_ray_init_and_says_so(
     assert str(report["ran_in"]) in report["started"]
     assert extras(report["started"]) == set(EXTRAS)  # ray.init's head, as it comes
     assert report["left"] == [] and not report["initialized"]
+
+
+def test_an_untested_ray_release_starts_through_the_public_ray_init(tmp_path):
+    report, stderr = start(tmp_path, broken="version")
+    assert not report["lean"]
+    assert "Ray 2.99.0 is not the tested 2.60.x; starting it with ray.init" in stderr
+    assert str(report["ran_in"]) in report["started"]
+    assert report["left"] == [] and not report["initialized"]
+
+
+def test_the_tested_release_is_the_one_constraints_pin():
+    from orchestrator.localray import TESTED_RAY, tested
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert tested(pins["ray"]) and TESTED_RAY.count(".") == 1
+    assert tested("2.60.3") and not tested("2.6.0") and not tested("2.61.0")
 
 
 def test_a_lean_start_that_fails_halfway_leaves_no_process_beside_the_fallback(tmp_path):

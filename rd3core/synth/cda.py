@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from . import DistilledSet, register_method
+from .base import DistilledSet, register_method
 from .sre2l import SRe2LParams, check_bn_teacher, recover
 
 

@@ -39,7 +39,7 @@ import torch
 
 from ..config import to_dict
 from ..data import Dataset, DatasetInfo
-from . import DistilledSet, register_method
+from .base import DistilledSet, register_method
 
 TENSOR_KEYS = ("images", "labels", "soft_labels", "num_classes")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import DistilledSet, register_method, unseeded_key_inputs
+from .base import DistilledSet, register_method, unseeded_key_inputs
 
 
 @dataclass(frozen=True)

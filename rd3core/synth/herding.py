@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import to_dict
 from ..data import as_float
 from ..seeding import generator
-from . import DistilledSet, register_method
+from .base import DistilledSet, register_method
 from .teacher import penultimate_features
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..seeding import generator
-from . import DistilledSet, register_method
+from .base import DistilledSet, register_method
 
 
 @dataclass(frozen=True)

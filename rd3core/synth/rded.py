@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import augment as aug
 from ..data import Dataset, as_float
 from ..seeding import generator
-from . import DistilledSet, register_method, store_images
+from .base import DistilledSet, register_method, store_images
 from .teacher import CHUNK, cross_entropy
 
 

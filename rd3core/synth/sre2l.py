@@ -28,7 +28,7 @@ from torch import nn
 from .. import augment as aug
 from ..data import Dataset, DatasetInfo, as_float
 from ..seeding import generator
-from . import DistilledSet, register_method, store_images
+from .base import DistilledSet, register_method, store_images
 from .random_real import class_balanced_indices
 from .teacher import arch_has_batchnorm, batchnorm_layers, frozen
 

@@ -1,5 +1,5 @@
 """Datasets stored as image files: ImageFolder trees (a directory or a .tar(.gz)
-of one), torchvision's own CIFAR pickles, and streaming of ImageNet-scale sets.
+of one), and streaming of ImageNet-scale sets.
 
 Small sets are decoded once, cached as .npz under the cache folder and held as
 tensors. Large sets (``DatasetInfo.stream``) stay on disk: a :class:`StreamSplit`
@@ -10,11 +10,9 @@ of the same files give the same pixels.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
-import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -23,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data import Dataset, DatasetInfo, Split, cache_dir, tensor_digest
+from .base import Dataset, DatasetInfo, cached_arrays, from_arrays, source_digest, tensor_digest
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".ppm", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -104,59 +102,7 @@ def _read_tar(path: Path) -> tuple[list[tuple[str, str, str]], dict[str, bytes]]
     return _classify(sorted(blobs), _annotations(ann)), blobs
 
 
-def source_digest(path: Path) -> str:
-    """Names, sizes and mtimes of a tree's files (cheap: no file is read; an
-    image rewritten in place is seen), or the bytes of an archive (hashed once
-    per process while its size and mtime stay the same). Keys the caches."""
-    if not path.is_dir():
-        stat = path.stat()
-        return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    h = hashlib.sha256()
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for f in sorted(files):
-            full = Path(folder) / f
-            h.update(str(full.relative_to(path)).encode())
-            stat = full.stat()
-            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _cached(info: DatasetInfo, digest: str, build) -> dict[str, np.ndarray]:
-    resize = f"-r{info.resize}" if info.resize and info.resize != info.size else ""
-    cached = cache_dir() / f"{info.name}-{info.size}{resize}-{digest}.npz"
-    if cached.exists():
-        z = np.load(cached, allow_pickle=False)
-        return {k: z[k] for k in z.files}
-    arrays = build()
-    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cached)  # atomic: concurrent loaders never see half a file
-    return arrays
-
-
-def _dataset(info: DatasetInfo, arrays: dict[str, np.ndarray], record: dict) -> Dataset:
-    classes = tuple(str(c) for c in arrays["classes"])
-    if len(classes) != info.num_classes:
-        raise ValueError(f"dataset {info.name!r}: {record['source']} has {len(classes)} classes, "
-                         f"expected {info.num_classes}")
-    train = Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
-    test = Split(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"]))
-    record["split"] = {"train": len(train), "test": len(test), "as_given": True}
-    record["fingerprint"] = tensor_digest(train.labels, test.labels) + record["source_digest"][:8]
-    return Dataset(info, train, test, classes, record)
-
-
-def _check_splits(name: str, path: Path, entries: list) -> list[str]:
+def check_splits(name: str, path: Path, entries: list) -> list[str]:
     found = sorted({s for s, _, _ in entries})
     if found != ["test", "train"]:
         raise ValueError(f"dataset {name!r}: {path} must hold train/<class>/ and test/<class>/ "
@@ -176,14 +122,14 @@ def load_imagefolder(path: str | Path, info: DatasetInfo, stream: bool | None = 
     digest = source_digest(path)
 
     def build() -> dict[str, np.ndarray]:
-        entries, read = _open_tree(path)
-        return _decode_tree(info, _check_splits(info.name, path, entries), entries, read)
+        entries, read = open_tree(path)
+        return decode_tree(info, check_splits(info.name, path, entries), entries, read)
 
     record = {"dataset": info.name, "source": str(path), "source_digest": digest, "format": "imagefolder"}
-    return _dataset(info, _cached(info, digest, build), record)
+    return from_arrays(info, cached_arrays(info, digest, build), record)
 
 
-def _open_tree(path: Path):
+def open_tree(path: Path):
     """(entries, read): the tree's (split, class, name) rows and name -> bytes."""
     if path.is_dir():
         return list_directory(path), lambda name: (path / name).read_bytes()
@@ -191,7 +137,7 @@ def _open_tree(path: Path):
     return entries, blobs.__getitem__
 
 
-def _decode_tree(info: DatasetInfo, classes: list[str], entries: list, read) -> dict[str, np.ndarray]:
+def decode_tree(info: DatasetInfo, classes: list[str], entries: list, read) -> dict[str, np.ndarray]:
     index = {c: i for i, c in enumerate(classes)}
     arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
     for split in ("train", "test"):
@@ -199,55 +145,6 @@ def _decode_tree(info: DatasetInfo, classes: list[str], entries: list, read) -> 
         arrays[f"{split}_x"] = np.stack([decode(read(n), info.size, info.channels, info.resize) for _, n in rows])
         arrays[f"{split}_y"] = np.asarray([index[c] for c, _ in rows], dtype=np.int64)
     return arrays
-
-
-# --------------------------------------------------------------------------------------
-# torchvision's CIFAR format (cifar-10-batches-py/, cifar-100-python/, or their tarballs)
-# --------------------------------------------------------------------------------------
-
-CIFAR_PICKLES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", b"labels", b"label_names"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
-}
-
-
-def torchvision_cifar_source(path: Path, name: str) -> Path | None:
-    """The folder or tarball holding torchvision's pickles for ``name``, if ``path`` is one."""
-    folder = CIFAR_PICKLES[name][0]
-    for candidate in (path, path / folder):
-        if candidate.is_dir() and (candidate / CIFAR_PICKLES[name][3]).is_file():
-            return candidate
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            first = tar.next()
-            if first is not None and PurePosixPath(first.name).parts[0] == folder:
-                return path
-    return None
-
-
-def load_torchvision_cifar(path: Path, info: DatasetInfo) -> Dataset:
-    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_PICKLES[info.name]
-    if path.is_dir():
-        files = {f: (path / f).read_bytes() for f in (*train_files, *test_files, meta_file)}
-    else:
-        with tarfile.open(path) as tar:
-            files = {PurePosixPath(m.name).name: tar.extractfile(m).read() for m in tar
-                     if m.isfile() and PurePosixPath(m.name).parent.name == folder}
-    digest = source_digest(path)
-
-    def build() -> dict[str, np.ndarray]:
-        arrays: dict[str, np.ndarray] = {}
-        for split, names in (("train", train_files), ("test", test_files)):
-            batches = [pickle.loads(files[n], encoding="bytes") for n in names]
-            arrays[f"{split}_x"] = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-            arrays[f"{split}_y"] = np.concatenate([b[label_key] for b in batches]).astype(np.int64)
-        meta = pickle.loads(files[meta_file], encoding="bytes")
-        arrays["classes"] = np.array([n.decode() for n in meta[names_key]])
-        return arrays
-
-    record = {"dataset": info.name, "source": str(path), "source_digest": digest, "format": "torchvision-pickle"}
-    return _dataset(info, _cached(info, digest, build), record)
 
 
 # --------------------------------------------------------------------------------------
@@ -345,7 +242,7 @@ def _stream_imagefolder(path: Path, info: DatasetInfo) -> Dataset:
         raise ValueError(f"dataset {info.name!r}: {path} is an archive; a streamed dataset must be an extracted "
                          "directory (train/<class>/ and val/<class>/)")
     entries = list_directory(path)
-    classes = _check_splits(info.name, path, entries)
+    classes = check_splits(info.name, path, entries)
     if len(classes) != info.num_classes:
         raise ValueError(f"dataset {info.name!r}: {path} has {len(classes)} classes, expected {info.num_classes}")
     index = {c: i for i, c in enumerate(classes)}

@@ -1,6 +1,6 @@
-"""A user's own ImageFolder tree (the ``imagefolder`` dataset): its facts read
-from the data itself, for :mod:`rd3core.data` to describe it. The tree is read
-and decoded by :mod:`rd3core.imagefiles`, into the same cache its loader uses."""
+"""A user's own ImageFolder tree (the ``imagefolder`` dataset): no tabled facts;
+classes, input side and mean/std are read from the data itself. The tree is read
+and decoded by :mod:`rd3core.data.imagefiles`, into the same cache its loader uses."""
 from __future__ import annotations
 
 import hashlib
@@ -11,14 +11,36 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .data import DatasetInfo, cache_dir
-from .imagefiles import SPLITS, _cached, _check_splits, _decode_tree, _open_tree, source_digest
+from .base import Dataset, DatasetInfo, cache_dir, cached_arrays, family_for_size, root_from_env, source_digest
+from .imagefiles import SPLITS, check_splits, decode_tree, load_imagefolder, open_tree
+
+NAME = "imagefolder"
+
+
+def dataset_info(root: str | None) -> DatasetInfo:
+    """The facts of the tree at ``root`` (or RD3_DATA_IMAGEFOLDER): never tabled."""
+    path = Path(root_from_env(NAME, root)).expanduser()
+    facts = read_facts(path, NAME)
+    return DatasetInfo(
+        NAME, len(facts["classes"]), 3, facts["size"], tuple(facts["mean"]), tuple(facts["std"]),
+        family_for_size(facts["size"]),
+        f"ImageFolder tree {path}: classes, size and mean/std read from its train images", digest=facts["digest"])
+
+
+def load(root: str | None, stream: bool | None = None) -> Dataset:
+    info = dataset_info(root)
+    return load_imagefolder(Path(root_from_env(NAME, root)).expanduser(), info, stream)
+
+
+load.needs_root = True
+load.facts = dataset_info  # root -> DatasetInfo: facts derived, never tabled
+
 
 FACTS_VERSION = 1  # bump when what read_facts derives changes: cached facts are then re-read
 
 
 def read_facts(path: str | Path, name: str) -> dict:
-    """What :mod:`rd3core.data` needs to describe a user's ImageFolder tree (or
+    """What :func:`dataset_info` needs to describe a user's ImageFolder tree (or
     .tar(.gz) of one): ``classes`` (train/'s sorted subfolders; the test split
     must hold the same), ``size`` (every train image is square and of one size),
     ``mean``/``std`` (per RGB channel, over every pixel of the train images in
@@ -54,12 +76,12 @@ def _read_facts(path: Path, name: str, digest: str) -> dict:
         facts = json.loads(cached.read_text())
         if facts.get("version") == FACTS_VERSION:
             return facts
-    entries, read = _open_tree(path)
-    classes = _check_splits(name, path, entries)
+    entries, read = open_tree(path)
+    classes = check_splits(name, path, entries)
     _check_same_classes(name, path, entries)
     side = _train_side(name, path, entries, read)
     info = DatasetInfo(name, len(classes), 3, side, (), (), "", str(path))  # what decoding and the cache use
-    arrays = _cached(info, digest, lambda: _decode_tree(info, classes, entries, read))
+    arrays = cached_arrays(info, digest, lambda: decode_tree(info, classes, entries, read))
     x = arrays["train_x"]  # [N, 3, side, side] uint8
     pixels = x.shape[0] * side * side
     total = x.sum(axis=(0, 2, 3), dtype=np.float64) / 255.0
