@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps make reruns instant; they are redone when pyproject.toml changes.
+# Stamps make reruns instant; they are redone when pyproject.toml or constraints.txt
+# changes (constraints.txt pins the torch pair and Ray the tests run).
 $(VENV)/.setup: pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@

@@ -29,11 +29,6 @@ from .spec import StudyError
 DEFAULT_DB = os.environ.get("RD3_DB_URL") or None
 DB_HELP = "SQLAlchemy URL of the results DB (default: $RD3_DB_URL, else sqlite in --out)"
 
-def console() -> int:
-    """The ``rd3`` console script: the same commands as ``python -m orchestrator``."""
-    return main(prog="rd3")
-
-
 LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods,
          "layouts": list_layouts}
 
@@ -211,3 +206,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m orchestrator") ->
               file=sys.stderr)
         return getattr(exc, "exit_status", 130)
     return 0
+
+
+def console() -> int:
+    """The ``rd3`` console script: the same commands as ``python -m orchestrator``."""
+    return main(prog="rd3")
