@@ -2,7 +2,7 @@
 
 Writes go through the driver's own calls (db.records on one held connection,
 one transaction to start each attempt and one per result, as
-orchestrator.recorder does), then
+orchestrator.execution.recorder does), then
 results_frame loads the whole study; then the same results again through the
 bulk-import path (records.import_results, 1,000 results per transaction). SQLite always; PostgreSQL too when
 --postgres URL or RD3_TEST_POSTGRES_URL names one (a database is created and
@@ -77,7 +77,7 @@ def run(url: str, n: int, label: str) -> dict:
         ids = records.sync_cells(s, study, cells)
     sync_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with engine.connect() as conn:  # the driver's one connection (orchestrator.recorder)
+    with engine.connect() as conn:  # the driver's one connection (orchestrator.execution.recorder)
         for i, cell in enumerate(cells):
             cell_id = ids[cell["cell_key"]]
             with conn.begin():  # the driver, when it hands the job over

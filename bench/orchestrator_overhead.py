@@ -85,8 +85,8 @@ seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def expand_seconds(folder: Path, repeats: int = 3) -> tuple[float, int]:
-    from orchestrator.expand import expand
-    from orchestrator.spec import load_study
+    from orchestrator.study.expand import expand
+    from orchestrator.study.spec import load_study
 
     path = folder / "big.yaml"
     path.write_text(BIG)

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.expand import expand  # noqa: E402
-from orchestrator.plan import STAGES, assign_resources, build_plan  # noqa: E402
-from orchestrator.spec import load_study  # noqa: E402
+from orchestrator.study.expand import expand  # noqa: E402
+from orchestrator.execution.plan import STAGES, assign_resources, build_plan  # noqa: E402
+from orchestrator.study.spec import load_study  # noqa: E402
 from rd3core.artifacts import ArtifactStore  # noqa: E402
 from rd3core.data import dataset_info  # noqa: E402
 from rd3core.loop import Runtime  # noqa: E402

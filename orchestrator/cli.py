@@ -20,9 +20,9 @@ from rd3core.protocol import list_presets
 from rd3core.synth import list_methods
 from rd3core.teachers import CheckpointError, list_layouts
 
-from . import yamlsrc
+from .study import yamlsrc
 from .analysis.design import AnalysisError
-from .spec import StudyError
+from .study.spec import StudyError
 
 # A cluster's PostgreSQL URL (with its password) comes from the environment, never
 # a study file or a command line that `ps` shows.
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m orchestrator") ->
             print("\n".join(LISTS[args.what]()))
             return 0
         if args.command == "validate":
-            from .expand import expand
-            from .spec import load_study
+            from .study.expand import expand
+            from .study.spec import load_study
 
             study = load_study(args.study)
             cells = expand(study)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m orchestrator") ->
 
             return run_query(args) if args.command == "query" else show_status(args)
         if args.command == "run":
-            from .driver import RunOptions, run_study
+            from .execution.driver import RunOptions, run_study
 
             if args.max_retries < 0 or not args.heartbeat_s > 0:
                 print("error: --max-retries must be >= 0 and --heartbeat-s > 0", file=sys.stderr)
@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m orchestrator") ->
                                  retry_failed=args.retry_failed, heartbeat_s=args.heartbeat_s,
                                  command="python -m orchestrator " + shlex.join(argv))
             if args.dry_run:
-                from .cache import dry_run
+                from .execution.cache import dry_run
 
                 return dry_run(args.study, options)
             return run_study(args.study, options)
         if args.command == "cache":
-            from . import cache
-            from .driver import RunOptions, db_url
+            from .execution import cache
+            from .execution.driver import RunOptions, db_url
 
             if args.cache_command == "list":
                 return cache.list_cache(args.out)

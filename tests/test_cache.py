@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs
+from orchestrator.execution import jobs
 from orchestrator.cli import main
 from rd3core.artifacts import PAYLOAD, ArtifactStore
 

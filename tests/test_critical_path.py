@@ -1,6 +1,6 @@
 """No core idles while work waits: a shared-stage job that every remaining
 result depends on (the critical path) gets every CPU of a node
-(orchestrator.runner.critical, widen); other jobs, post-evaluations above all,
+(orchestrator.execution.runner.critical, widen); other jobs, post-evaluations above all,
 keep what they asked for, and the choice reads only the plan, so the Ray and the
 local executor still give identical numbers. Checked on the driver loop with a
 recording executor, and on a real Ray run of a small study."""
@@ -11,9 +11,9 @@ import pytest
 from conftest import run_cli
 from db.queries import results_frame
 from db.session import make_engine, sqlite_url
-from orchestrator.plan import Node, Plan
-from orchestrator.resources import Resources, ResourcesSpec
-from orchestrator.runner import Outcome, critical, execute, widen
+from orchestrator.execution.plan import Node, Plan
+from orchestrator.study.resources import Resources, ResourcesSpec
+from orchestrator.execution.runner import Outcome, critical, execute, widen
 
 
 class Recording:

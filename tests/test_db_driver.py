@@ -14,10 +14,10 @@ from db.queries import results_frame
 from db.session import make_engine, session_scope
 from db_helpers import cell_dicts, make_study
 from orchestrator.cli import main
-from orchestrator.plan import Node, Plan
-from orchestrator.failures import Failure, upstream
-from orchestrator.recorder import Announcing, Recorder, checkout_state
-from orchestrator.runner import Outcome
+from orchestrator.execution.plan import Node, Plan
+from orchestrator.execution.failures import Failure, upstream
+from orchestrator.execution.recorder import Announcing, Recorder, checkout_state
+from orchestrator.execution.runner import Outcome
 from rd3core.artifacts import ArtifactStore
 from rd3core.data import load_dataset
 
@@ -168,7 +168,7 @@ def test_the_recorder_replaces_a_connection_dropped_between_results(db_engine, d
         with admin.connect() as conn:
             assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar() is True
         admin.dispose()
-    monkeypatch.setattr("orchestrator.recorder.IDLE_RECHECK_S", 0.0)  # as after a long job
+    monkeypatch.setattr("orchestrator.execution.recorder.IDLE_RECHECK_S", 0.0)  # as after a long job
     recorder.cell_failed(Outcome(plan.nodes[f"posteval:{keys[0]}"], failure=Failure("RuntimeError", "x", "tb")))
     recorder.submitted(plan.nodes[f"posteval:{keys[1]}"])
     recorder.close("stopped")

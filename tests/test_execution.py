@@ -71,3 +71,32 @@ def test_killed_worker_is_a_transient_failure_and_a_frozen_one_is_found_by_heart
         assert_one_result_per_cell(db, 2)
     finally:
         kill_all(started)
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_found_through_the_file_board(tiny_study, tmp_path, monkeypatch):
+    """The fallback board (files under OUT/heartbeats: an untested Ray release, a
+    ray:// driver) keeps liveness: a frozen job is lost and retried as with the
+    key-value store."""
+    monkeypatch.setenv("RD3_HEARTBEATS", "files")
+    study = tiny_study("live_files", STUDY.replace("name: live", "name: live_files").replace("[400, 401]", "[400]"))
+    out = tmp_path / "out"
+    started = []
+    try:
+        driver = start_cli("run", str(study), "--out", str(out), "--num-cpus", "1", "--max-retries", "1",
+                           "--heartbeat-s", "0.5")
+        frozen = wait_for(lambda: job_worker(driver), 120, "a post-evaluation job to start", driver)
+        started += descendants(driver.pid)
+        wait_for(lambda: any((out / "heartbeats").glob("*/*")), 30, "a heartbeat file", driver)
+        used = cpu_seconds(frozen)
+        wait_for(lambda: cpu_seconds(frozen) > used + 1.0, 60, "the job to be at work", driver)
+        os.kill(frozen, signal.SIGSTOP)
+        code, stdout, stderr = finish(driver, timeout=240)
+        assert code == 0, stdout + stderr
+        assert "heartbeats through files under" in stderr and "RD3_HEARTBEATS=files" in stderr
+        assert "WorkerLost: the posteval job was lost: no heartbeat for" in stdout
+        assert [a for runs in attempts(out / "rd3.sqlite").values() for a in runs] == [
+            (1, "failed", "WorkerLost"), (2, "done", None)]
+        assert not any((out / "heartbeats").glob("*/*"))  # the run's files are gone with it
+    finally:
+        kill_all(started)

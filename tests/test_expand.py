@@ -1,7 +1,7 @@
 import pytest
 
-from orchestrator.expand import expand
-from orchestrator.spec import StudyError, load_study
+from orchestrator.study.expand import expand
+from orchestrator.study.spec import StudyError, load_study
 
 
 def test_cells_are_factor_combinations_times_seeds(tiny_study):

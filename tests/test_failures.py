@@ -1,4 +1,4 @@
-"""Failures: classification (orchestrator.failures), retries in the driver loop,
+"""Failures: classification (orchestrator.execution.failures), retries in the driver loop,
 and real faults injected into a real study (jobs that raise, diverge to NaN,
 or go over their memory limit) that are recorded with their tracebacks while
 the study goes on; exit status 1, the summary and the retry command; a plain
@@ -11,11 +11,11 @@ import ray.exceptions
 import torch
 
 from conftest import run_cli
-from orchestrator import failures
-from orchestrator.failures import Failure
-from orchestrator.plan import Node, Plan
-from orchestrator.resources import Resources
-from orchestrator.runner import Outcome, execute
+from orchestrator.execution import failures
+from orchestrator.execution.failures import Failure
+from orchestrator.execution.plan import Node, Plan
+from orchestrator.study.resources import Resources
+from orchestrator.execution.runner import Outcome, execute
 from procs import attempts, rows
 from rd3core.loop import NonFiniteLoss
 

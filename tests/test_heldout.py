@@ -6,10 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from orchestrator.expand import expand
-from orchestrator.jobs import _get_dataset, run_node
-from orchestrator.plan import STAGES, build_plan
-from orchestrator.spec import StudyError, load_study
+from orchestrator.study.expand import expand
+from orchestrator.execution.jobs import _get_dataset, run_node
+from orchestrator.execution.plan import STAGES, build_plan
+from orchestrator.study.spec import StudyError, load_study
 from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
 from rd3core.data import HELDOUT_SEED, carve_heldout, load_dataset, train_class_counts

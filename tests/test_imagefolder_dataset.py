@@ -12,8 +12,8 @@ from PIL import Image
 from db.queries import results_frame
 from db.session import make_engine
 from orchestrator.cli import main
-from orchestrator.expand import expand
-from orchestrator.spec import load_study
+from orchestrator.study.expand import expand
+from orchestrator.study.spec import load_study
 from rd3core.data import dataset_info, family_for_size, list_datasets, load_dataset
 
 CLASSES = ("daisy", "rose", "tulip")

@@ -1,7 +1,9 @@
 """DESIGN.md's layering: rd3core imports none of orchestrator, db, ray; db
 imports none of rd3core, orchestrator. Checked on the source (every import
 statement) and at run time (what importing the package pulls in). No module
-imports, even inside a function, one that imports it back (no circles)."""
+imports, even inside a function, one that imports it back (no circles). Inside
+orchestrator the rooms follow the flow: study <- analysis <- execution <- the CLI
+on top (a room imports only rooms left of it)."""
 import ast
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def test_importing_does_not_load_forbidden_modules(package):
 
 def test_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import os\nfrom orchestrator.spec import load_study\n")
+    bad.write_text("import os\nfrom orchestrator.study.spec import load_study\n")
     assert "orchestrator" in imported_roots(bad)
 
 
@@ -128,3 +130,67 @@ def test_circle_checker_sees_a_circle(tmp_path):
     graph = import_graph(tmp_path, ("pkg",))
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.c"] == {"pkg.a"}
     assert circles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+# orchestrator's rooms in import order: each may import the rooms before it, never one after.
+ROOMS = ("study", "analysis", "execution")
+TOP = {"orchestrator", "orchestrator.__main__", "orchestrator.cli", "orchestrator.query"}
+
+
+def room_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else None
+
+
+def room_violations(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """module -> the orchestrator modules it imports against the rooms' order (the
+    CLI counts as the last room; a module outside every room and the CLI is one too)."""
+    order = {room: i for i, room in enumerate(ROOMS)}
+    rank = lambda m: order[room_of(m)] if room_of(m) else len(ROOMS)  # noqa: E731
+    bad = {}
+    for module, imports in graph.items():
+        if not module.startswith("orchestrator"):
+            continue
+        if room_of(module) is None and module not in TOP:
+            bad[module] = ["(in no room)"]
+            continue
+        upward = sorted(m for m in imports if m.startswith("orchestrator.") and rank(m) > rank(module))
+        if upward:
+            bad[module] = upward
+    return bad
+
+
+def test_orchestrator_rooms_follow_the_flow():
+    assert room_violations(import_graph()) == {}
+
+
+def test_room_checker_sees_an_upward_import_and_a_stray_module(tmp_path):
+    pkg = tmp_path / "orchestrator"
+    for room in ROOMS:
+        (pkg / room).mkdir(parents=True)
+        (pkg / room / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("from .execution import driver\n")
+    (pkg / "study" / "spec.py").write_text("def f():\n    from ..analysis import tables\n")
+    (pkg / "analysis" / "tables.py").write_text("from ..study import spec\n")
+    (pkg / "execution" / "driver.py").write_text("from ..analysis import tables\nfrom ..cli import main\n")
+    (pkg / "stray.py").write_text("")
+    bad = room_violations(import_graph(tmp_path, ("orchestrator",)))
+    assert bad == {"orchestrator.study.spec": ["orchestrator.analysis.tables"],
+                   "orchestrator.execution.driver": ["orchestrator.cli"],
+                   "orchestrator.stray": ["(in no room)"]}
+
+
+def readme_picture() -> list[str]:
+    """The first path of each line of README.md's code picture (the block that
+    starts with rd3core/)."""
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in text.split("```")[1::2] if b.lstrip("\n").startswith("rd3core/"))
+    return [line.split()[0] for line in block.strip().splitlines()]
+
+
+def test_readme_picture_matches_the_folders():
+    shown = readme_picture()
+    assert all((ROOT / p).exists() for p in shown), [p for p in shown if not (ROOT / p).exists()]
+    rooms = {f"orchestrator/{room}/" for room in ROOMS}
+    assert rooms | {"rd3core/", "db/"} <= set(shown)

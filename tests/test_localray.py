@@ -1,4 +1,4 @@
-"""The embedded Ray instance (orchestrator.localray), started by RayExecutor in a
+"""The embedded Ray instance (orchestrator.execution.localray), started by RayExecutor in a
 fresh process, as `run` starts it: jobs run on it, it has no autoscaler
 monitor, API server or log monitor, and close() leaves none of its processes.
 Where the lean start fails, or the Ray release is not the tested one, the
@@ -15,8 +15,8 @@ import json, os, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from procs import alive, descendants, title
-import orchestrator.localray as localray
-from orchestrator.runner import RayExecutor
+import orchestrator.execution.localray as localray
+from orchestrator.execution.runner import RayExecutor
 
 if {broken!r} == "before":
     def lean_head(*args):
@@ -95,7 +95,7 @@ def test_an_untested_ray_release_starts_through_the_public_ray_init(tmp_path):
 
 
 def test_the_tested_release_is_the_one_constraints_pin():
-    from orchestrator.localray import TESTED_RAY, tested
+    from orchestrator.execution.localray import TESTED_RAY, tested
 
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))

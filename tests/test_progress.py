@@ -3,7 +3,7 @@ line per finished cell otherwise."""
 import io
 import time
 
-from orchestrator.progress import CLEAR, Progress
+from orchestrator.execution.progress import CLEAR, Progress
 
 
 class FakeTTY(io.StringIO):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import ROOT
 from orchestrator.cli import main
-from orchestrator.spec import load_study
+from orchestrator.study.spec import load_study
 
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
 NAMES = {p.stem for p in STUDIES}
@@ -36,7 +36,7 @@ def test_every_shipped_study_validates(path, data_dirs, capsys):
 
 
 def columns(study) -> dict[str, set]:
-    from orchestrator.expand import expand
+    from orchestrator.study.expand import expand
     cells = expand(study)
     out: dict[str, set] = {}
     for cell in cells:
@@ -70,7 +70,7 @@ def test_rd3_imagenet1k_uses_torchvisions_pretrained_resnet18_as_rd3_does(data_d
     [teacher] = study.spec.teachers
     assert (teacher.arch, teacher.weights, teacher.source) == ("resnet18", "torchvision:ResNet18_Weights.IMAGENET1K_V1",
                                                                "torchvision")
-    from orchestrator.expand import expand
+    from orchestrator.study.expand import expand
     cells = expand(study)
     assert {c.config["teachers"][0]["source"]["file"] for c in cells if c.teachers} == {"resnet18-f37072fd.pth"}
 

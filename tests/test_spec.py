@@ -7,11 +7,11 @@ from collections import deque
 import pytest
 import yaml
 
-from orchestrator.expand import expand
-from orchestrator.plan import Node, Plan, assign_resources, build_plan
-from orchestrator.resources import Resources, ResourcesSpec, parse_memory
-from orchestrator.runner import Outcome, RayExecutor, execute
-from orchestrator.spec import StudyError, load_study
+from orchestrator.study.expand import expand
+from orchestrator.execution.plan import Node, Plan, assign_resources, build_plan
+from orchestrator.study.resources import Resources, ResourcesSpec, parse_memory
+from orchestrator.execution.runner import Outcome, RayExecutor, execute
+from orchestrator.study.spec import StudyError, load_study
 from rd3core.artifacts import ArtifactStore
 from rd3core.config import build
 
@@ -126,7 +126,7 @@ def test_ray_executor_submits_with_the_resources(monkeypatch):
 def test_a_job_whose_beat_count_stops_changing_or_whose_node_leaves_is_lost(monkeypatch):
     """RayExecutor.check against a board and cluster it reads (no Ray instance):
     a job is judged by when the driver last saw its beat count change."""
-    import orchestrator.runner as runner
+    import orchestrator.execution.runner as runner
 
     class Cluster:
         def nodes(self):

@@ -175,9 +175,9 @@ seeds: [0]
 
 
 def test_plan_puts_a_shared_labels_stage_between_synth_and_posteval(tmp_path):
-    from orchestrator.expand import expand
-    from orchestrator.plan import build_plan
-    from orchestrator.spec import load_study
+    from orchestrator.study.expand import expand
+    from orchestrator.execution.plan import build_plan
+    from orchestrator.study.spec import load_study
 
     path = tmp_path / "s.yaml"
     path.write_text(STUDY)

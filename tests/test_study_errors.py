@@ -116,7 +116,7 @@ def test_a_request_the_embedded_instance_cannot_meet_is_refused(resources, flags
         assert f"{study}:{line}: {key}: {fragment}" in err and "--executor local" in err
         assert not out.exists()
     # In-process jobs ignore Ray's bookkeeping, and a cluster may grow: neither is refused.
-    from orchestrator.driver import RunOptions, check_capacity
-    from orchestrator.spec import load_study
+    from orchestrator.execution.driver import RunOptions, check_capacity
+    from orchestrator.study.spec import load_study
     check_capacity(load_study(study), RunOptions(out=out, executor="local", num_cpus=2, num_gpus=0))
     check_capacity(load_study(study), RunOptions(out=out, address="127.0.0.1:6379", num_cpus=2, num_gpus=0))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from orchestrator.expand import expand
-from orchestrator.spec import StudyError, load_study
+from orchestrator.study.expand import expand
+from orchestrator.study.spec import StudyError, load_study
 from rd3core.config import ConfigError, build
 from rd3core.data import as_float, load_dataset
 from rd3core.loop import Runtime

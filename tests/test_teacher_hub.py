@@ -142,10 +142,10 @@ def test_a_run_without_the_weights_cached_offline_exits_2_and_writes_nothing(off
 
 
 def test_a_run_finds_the_cached_weights_before_writing(offline, tmp_path):
-    from orchestrator.expand import expand
-    from orchestrator.plan import build_plan
-    from orchestrator.spec import load_study
-    from orchestrator.teachers import fetch_hub_weights
+    from orchestrator.study.expand import expand
+    from orchestrator.execution.plan import build_plan
+    from orchestrator.study.spec import load_study
+    from orchestrator.study.teachers import fetch_hub_weights
     from rd3core.artifacts import ArtifactStore
 
     torchvision_file(tmp_path)

@@ -13,8 +13,8 @@ import torch
 from conftest import run_cli
 from elsewhere import fit_plainly
 from orchestrator.cli import main
-from orchestrator.expand import expand
-from orchestrator.spec import load_study
+from orchestrator.study.expand import expand
+from orchestrator.study.spec import load_study
 from rd3core.data import load_dataset
 from rd3core.loop import Runtime, evaluate
 from rd3core.models import create_model

@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.queries import epoch_frame, list_studies
+from db.queries import epoch_frame, list_studies, results_frame
 from db.session import DatabaseError, make_engine, sqlite_url
 
 from .analyze import CORRECTION, LEVEL, analyze_design
+from . import summary
 from .design import AnalysisError, load_design
 from .inference import CORRECTIONS
 from .tables import format_text
+
+if TYPE_CHECKING:
+    from ..study.spec import Study
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,43 @@ def run_summary(engine, name: str, folder: Path) -> list[Path]:
         for line in result["headlines"]:
             print(f"- {line}")
     return [*main_effects_plot(design, folder), *shares_plot(result, folder), folder / "analysis.json"]
+
+
+def summarise(engine, study: Study, out: Path) -> None:
+    """Mean and std per factor combination and per level on the terminal, CSVs,
+    then the quick attribution (shares with intervals, headlines, analysis.json,
+    main-effects and variance-share plots)."""
+    raw = results_frame(engine, study.name)
+    folder = out / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if raw.empty:
+        print("no results yet")
+        return
+    # Factor levels as strings in the study's order (mappings as JSON), only finite top1.
+    design = load_design(engine, study.name)
+    frame, factors = design.analysed(), list(design.levels)
+    combos = summary.combination_table(frame, factors)
+    effects = summary.main_effects(frame, factors)
+    print(f"\nfinal top-1 (%), mean and std over seeds, per factor combination:")
+    print(summary.format_table(combos))
+    if not effects.empty:
+        print(f"\nper factor level (main effects):")
+        print(summary.format_table(effects))
+    missing = design.not_analysed()
+    if len(missing):
+        print(f"\n{len(missing)} stored cell(s) not in these tables (" +
+              ", ".join(f"{n} {s}" for s, n in missing["reason"].value_counts().items()) +
+              f"): python -m orchestrator analyze {study.name} --out {out} lists them")
+    raw.to_csv(folder / "results.csv", index=False)
+    combos.to_csv(folder / "combinations.csv", index=False)
+    effects.to_csv(folder / "main_effects.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"cells": len(raw), "factors": factors}, indent=1))
+    try:
+        written = run_summary(engine, study.name, folder)
+    except Exception as exc:  # noqa: BLE001 - the results are stored; the analysis can be rerun alone
+        print(f"warning: the analysis failed ({exc.__class__.__name__}: {exc}); results are stored: "
+              f"rerun it with python -m orchestrator report {study.name} --out {out}", file=sys.stderr)
+        written = []
+    for p in written:
+        print(f"wrote {p}")
+

@@ -36,7 +36,7 @@ METRIC = "top1"  # final-epoch test accuracy: THE result
 METHOD = "method"
 GROUPS = ("method", "protocol", "budget", "other")
 PROTOCOL_COLUMNS = ("protocol", "preset", "recipe")
-# What a cell cost, under the names the driver records (orchestrator.driver.result_metrics).
+# What a cell cost, under the names the driver records (orchestrator.execution.driver.result_metrics).
 COSTS = {
     "synth_wall_s": "synthesis wall time (s)",
     "labels_storage_bytes": "stored soft labels (bytes)",
@@ -97,7 +97,7 @@ def method_info(spec_text: str | None, labels: list[str]) -> dict[str, MethodInf
     method name."""
     from rd3core.synth import METHODS
 
-    from ..spec import published_preset
+    from ..study.spec import published_preset
 
     entries: dict[str, dict] = {}
     try:

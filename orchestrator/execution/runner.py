@@ -14,10 +14,10 @@ timing of a run, so both executors and every rerun of the same plan give a job
 the same thread count, and so the same numbers. Post-evaluations keep what they
 asked for.
 
-A failed job is retried when its failure is transient (orchestrator.failures),
+A failed job is retried when its failure is transient (orchestrator.execution.failures),
 at most ``max_retries`` times; a job that failed for good fails every job
 downstream of it with ``UpstreamFailed``. Ray jobs beat to the run's heartbeat
-board (orchestrator.worker.Board, in the cluster's key-value store); one whose
+board (orchestrator.execution.worker: the cluster's key-value store, or files); one whose
 beats stop or whose node leaves the cluster is cancelled and reported as a
 transient ``WorkerLost`` failure.
 """
@@ -37,8 +37,8 @@ from . import failures, localray
 from .failures import Failure
 from .plan import RESULT_STAGES, Node, Plan
 from .progress import Progress  # noqa: F401  (the driver's display; re-exported)
-from .resources import Resources, ResourcesSpec
-from .worker import Board, run_job
+from ..study.resources import Resources, ResourcesSpec
+from .worker import choose_board, run_job
 
 LOST_AFTER_BEATS = 12  # a job whose heartbeats stopped for this many periods is lost
 
@@ -111,7 +111,7 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Ray tasks. Starts an embedded local instance (orchestrator.localray:
+    """Ray tasks. Starts an embedded local instance (orchestrator.execution.localray:
     loopback, only the processes a one-machine run uses, temp files outside the
     repo) unless ``address`` (else RAY_ADDRESS) names a running cluster, which
     it joins and leaves running.
@@ -158,7 +158,12 @@ class RayExecutor:
         self.on_tick: Callable[[list[Node]], None] | None = None
         self.serial = itertools.count()
         self.next_check = time.monotonic() + heartbeat_s
-        self.board = Board(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        # Beside the artifact store (store_root = OUT/artifacts): a folder the cluster shares already.
+        self.board, note = choose_board(ray, f"{os.getpid()}-{uuid.uuid4().hex[:12]}",
+                                       os.path.join(os.path.dirname(os.path.abspath(store_root)), "heartbeats"),
+                                       address, localray.tested(ray.__version__))
+        if note:
+            print(note, file=sys.stderr)
         self.beats: dict[str, tuple[int, float]] = {}  # token -> (its beat count, when the driver saw it change)
 
     def submit(self, node: Node, resources: Resources) -> None:

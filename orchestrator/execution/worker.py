@@ -2,8 +2,10 @@
 ``--executor local``): heartbeats, the job's memory limit, and failures
 returned as data.
 
-- Heartbeats: a thread rewrites the job's key on the run's :class:`Board`
-  every ``period`` seconds while the job runs. The driver reads them to
+- Heartbeats: a thread rewrites the job's key on the run's board (:class:`Board`
+  in the cluster's key-value store, or :class:`FileBoard`, files in the shared
+  output folder, where that store is not known to work) every ``period``
+  seconds while the job runs. The driver reads them to
   record liveness on the attempt rows and to declare a job lost when its
   beats stop (its process is frozen, its machine gone or cut off) or its node
   leaves the cluster; Ray alone reports a worker that *died*, not one that
@@ -26,6 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
+import shutil
 import socket
 import threading
 import time
@@ -33,11 +36,18 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 from . import failures
 
 
 NAMESPACE = b"rd3-heartbeats"
+BOARD_ENV = "RD3_HEARTBEATS"  # "files": heartbeats through files even where the key-value store works
+
+
+def _parse_beat(value: str) -> tuple[int, str, int, str]:
+    count, node, pid, host = value.split(" ", 3)
+    return int(count), node, int(pid), host
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,11 @@ class Board:
     job by when it last saw the count change, on its own clock, so the clocks
     of other machines do not matter. Not an actor: an actor is one more worker
     process, which on a small machine takes a prestarted worker and the CPU
-    just while the first jobs start."""
+    just while the first jobs start.
+
+    The store's functions are underscore names of Ray (no public key-value API
+    exists); :func:`choose_board` uses this board only where they are known to
+    work and otherwise a :class:`FileBoard`."""
 
     run: str
 
@@ -86,15 +100,90 @@ class Board:
 
         gcs, prefix = internal_kv.internal_kv_get_gcs_client(), self.prefix
         keys = gcs.internal_kv_keys(prefix, NAMESPACE)
+        return {key[len(prefix):].decode(): _parse_beat(value.decode())
+                for key, value in (gcs.internal_kv_multi_get(keys, NAMESPACE) if keys else {}).items()}
+
+
+@dataclass(frozen=True)
+class FileBoard:
+    """The same board as files: ``<folder>/<run>/<token>``, one per running job,
+    each beat an atomic rewrite (temporary file + ``os.replace``). Plain POSIX,
+    so it works under any Ray release and over a Ray Client (``ray://``)
+    connection, whose driver has no GCS client; it needs what the artifact store
+    already needs, a folder every worker and the driver share (``--out``)."""
+
+    folder: str
+    run: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, self.run)
+
+    def file(self, token: str) -> str:
+        return os.path.join(self.path, quote(token, safe=""))
+
+    def beat(self, token: str, count: int, node: str, pid: int, host: str) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        target = self.file(token)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{count} {node} {pid} {host}")
+        os.replace(tmp, target)
+
+    def clear(self, tokens: list[str]) -> None:
+        for token in tokens:
+            try:
+                os.unlink(self.file(token))
+            except FileNotFoundError:
+                pass
+
+    def clear_run(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def read(self) -> dict[str, tuple[int, str, int, str]]:
         out = {}
-        for key, value in (gcs.internal_kv_multi_get(keys, NAMESPACE) if keys else {}).items():
-            count, node, pid, host = value.decode().split(" ", 3)
-            out[key[len(prefix):].decode()] = (int(count), node, int(pid), host)
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.endswith(".tmp"):
+                continue
+            try:
+                with open(os.path.join(self.path, name)) as fh:
+                    out[unquote(name)] = _parse_beat(fh.read())
+            except (FileNotFoundError, ValueError):  # cleared, or caught between create and write
+                continue
         return out
 
 
+def choose_board(ray, run: str, folder: str, address: str | None, tested: bool) -> tuple[Board | FileBoard, str | None]:
+    """The run's board and, when it is files, a line for the log saying why.
+    The key-value store where it is known to work (the tested Ray release, a
+    driver connected to the GCS, a probe write and read back); files otherwise,
+    so that a Ray upgrade or a ``ray://`` address costs speed, never liveness."""
+    files = FileBoard(folder, run)
+    if os.environ.get(BOARD_ENV, "").lower() == "files":
+        return files, f"heartbeats through files under {files.path} ({BOARD_ENV}=files)"
+    if address and address.startswith("ray://"):
+        return files, f"heartbeats through files under {files.path} (a Ray Client driver has no GCS key-value store)"
+    if not tested:
+        return files, f"heartbeats through files under {files.path} (Ray {ray.__version__} is not the tested release)"
+    board = Board(run)
+    try:
+        board.beat("probe", 0, "", 0, "")
+        seen = board.read()
+        board.clear(["probe"])
+        if "probe" not in seen:
+            raise RuntimeError("a probe beat was not read back")
+    except Exception as exc:  # noqa: BLE001 - internals that changed or are missing: files still work
+        return files, (f"heartbeats through files under {files.path} (the cluster's key-value store failed: "
+                       f"{type(exc).__name__}: {exc})")
+    return board, None
+
+
 @contextmanager
-def heartbeat(board: Board | None, token: str, period: float):
+def heartbeat(board: Board | FileBoard | None, token: str, period: float):
     """Beat to ``board`` (None: no heartbeats) until the block ends, then clear the job's key."""
     if board is None:
         yield
@@ -168,8 +257,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
-            gpus: float = 0.0, board: Board | None = None, token: str = "", period: float = 5.0) -> dict[str, Any]:
-    """Run one plan node (orchestrator.jobs.run_node) under the wrapping above.
+            gpus: float = 0.0, board: Board | FileBoard | None = None, token: str = "", period: float = 5.0) -> dict[str, Any]:
+    """Run one plan node (orchestrator.execution.jobs.run_node) under the wrapping above.
     Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
     with ``job`` = when (epoch seconds) and in which process it ran."""
     t0, started = time.perf_counter(), time.time()

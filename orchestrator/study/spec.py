@@ -69,7 +69,7 @@ class DatasetSpec:
 
     def identified(self) -> dict[str, Any]:
         """What cells and stages are keyed by, and what workers load
-        (``orchestrator.jobs``): name and root; for a dataset whose facts are read
+        (``orchestrator.execution.jobs``): name and root; for a dataset whose facts are read
         from its data, its content digest (two trees never share results); for a
         carved one, ``heldout_per_class`` and ``heldout_seed``, so its teachers,
         distilled sets and cells are never those of the whole training split.

@@ -4,7 +4,7 @@ The driver is the only process that writes the database. A rerun skips every
 cell that already has a result, every cell whose last attempt failed
 deterministically (unless ``--retry-failed``), and every stage whose artifact is
 in the store, so a finished study reruns in seconds and a crashed or stopped one
-resumes where it stopped. Failures and their classification: orchestrator.failures
+resumes where it stopped. Failures and their classification: orchestrator.execution.failures
 and docs/EXECUTION.md.
 """
 from __future__ import annotations
@@ -22,21 +22,20 @@ from pathlib import Path
 
 from db import records
 from db.models import CellStatus
-from db.queries import attempts_frame, cell_status, results_frame
+from db.queries import attempts_frame, cell_status
 from db.schema import upgrade
 from db.session import make_engine, results_url, session_scope
 from rd3core.artifacts import ArtifactStore
 from rd3core.config import Problem
 
 from . import failures
-from .analysis import commands, summary
-from .analysis.design import load_design
-from .expand import Cell, expand
+from ..analysis.commands import summarise
+from ..study.expand import Cell, expand
 from .plan import assign_resources, build_plan
 from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
-from .spec import Study, StudyError, load_study, render
-from .teachers import fetch_hub_weights, uses_hub_weights
+from ..study.spec import Study, StudyError, load_study, render
+from ..study.teachers import fetch_hub_weights, uses_hub_weights
 
 
 @dataclass(frozen=True)
@@ -326,42 +325,3 @@ def result_metrics(result: dict, wall_s: float | None = None, resources=None) ->
     metrics.update({f"synth_{k}": v for k, v in result.get("synth_meta", {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version"})
     return metrics
-
-
-def summarise(engine, study: Study, out: Path) -> None:
-    """Mean and std per factor combination and per level on the terminal, CSVs,
-    then the quick attribution (shares with intervals, headlines, analysis.json,
-    main-effects and variance-share plots)."""
-    raw = results_frame(engine, study.name)
-    folder = out / study.name
-    folder.mkdir(parents=True, exist_ok=True)
-    if raw.empty:
-        print("no results yet")
-        return
-    # Factor levels as strings in the study's order (mappings as JSON), only finite top1.
-    design = load_design(engine, study.name)
-    frame, factors = design.analysed(), list(design.levels)
-    combos = summary.combination_table(frame, factors)
-    effects = summary.main_effects(frame, factors)
-    print(f"\nfinal top-1 (%), mean and std over seeds, per factor combination:")
-    print(summary.format_table(combos))
-    if not effects.empty:
-        print(f"\nper factor level (main effects):")
-        print(summary.format_table(effects))
-    missing = design.not_analysed()
-    if len(missing):
-        print(f"\n{len(missing)} stored cell(s) not in these tables (" +
-              ", ".join(f"{n} {s}" for s, n in missing["reason"].value_counts().items()) +
-              f"): python -m orchestrator analyze {study.name} --out {out} lists them")
-    raw.to_csv(folder / "results.csv", index=False)
-    combos.to_csv(folder / "combinations.csv", index=False)
-    effects.to_csv(folder / "main_effects.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps({"cells": len(raw), "factors": factors}, indent=1))
-    try:
-        written = commands.run_summary(engine, study.name, folder)
-    except Exception as exc:  # noqa: BLE001 - the results are stored; the analysis can be rerun alone
-        print(f"warning: the analysis failed ({exc.__class__.__name__}: {exc}); results are stored: "
-              f"rerun it with python -m orchestrator report {study.name} --out {out}", file=sys.stderr)
-        written = []
-    for p in written:
-        print(f"wrote {p}")

@@ -58,7 +58,7 @@ def uses_hub_weights(cells) -> bool:
 
 
 def hub_teachers(study: Study, plan) -> dict[TeacherSpec, str]:
-    """Teachers of ``plan`` (orchestrator.plan.Plan) not in the artifact store
+    """Teachers of ``plan`` (orchestrator.execution.plan.Plan) not in the artifact store
     yet whose weights come from torchvision or timm -> their key path."""
     found: dict[TeacherSpec, str] = {}
     for node in plan.nodes.values():

@@ -13,7 +13,7 @@ an artifact can rebuild it when it is missing or corrupt.
 
 Adding a stage: name it in ``STAGES`` (report order) and ``STAGE_VERSIONS``,
 add its node with :meth:`Plan.stage` in :func:`build_plan`, and register its
-producer in ``orchestrator.jobs`` with ``@producer("<stage>")``.
+producer in ``orchestrator.execution.jobs`` with ``@producer("<stage>")``.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from rd3core.stored_labels import protocol_params as stored_label_params
 from rd3core.synth import METHODS
 from rd3core.teachers import TeacherSpec
 
-from .expand import Cell
-from .resources import Resources, ResourcesSpec
+from ..study.expand import Cell
+from ..study.resources import Resources, ResourcesSpec
 
 STAGES = ("teacher", "synth", "labels", "posteval")
 # Stages whose outputs are results in the DB, not artifacts in the store.

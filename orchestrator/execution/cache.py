@@ -30,10 +30,10 @@ from db.session import DatabaseError, make_engine
 from rd3core.artifacts import ArtifactInfo, ArtifactStore
 
 from .driver import RunOptions, check_capacity, db_url, pending_cells
-from .expand import Cell, expand
+from ..study.expand import Cell, expand
 from .plan import Plan, build_plan
-from .spec import Study, StudyError, load_study
-from .teachers import missing_hub_weights
+from ..study.spec import Study, StudyError, load_study
+from ..study.teachers import missing_hub_weights
 
 TMP_GRACE_S = 3600.0
 HISTORY_METRICS = ["time_train_s", "time_eval_s", "synth_wall_s"]
