@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sqlalchemy import Connection, Integer, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from . import views
 from .models import (EPOCH_FLOATS, Artifact, ArtifactUse, Attempt, AttemptStatus, Cell, CellFactor, CellStatus,
                      EpochMetric, Metric, Provenance, Study, utcnow)
 from .prepared import Prepared
@@ -46,8 +47,9 @@ def ensure_study(session: Session, name: str, spec_text: str, spec_hash: str) ->
 def sync_cells(session: Session, study: Study, cells: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Insert cells not yet stored, with their typed factor rows, and give stored
     cells whose factor labels the study now names differently (a column added,
-    such as ``recipe``) the current labels; return cell_key -> row id for all
-    stored cells of the study."""
+    such as ``recipe``) the current labels; when either happened, rebuild the
+    study's view (db.views); return cell_key -> row id for all stored cells of
+    the study."""
     def stored() -> dict[str, int]:
         return dict(session.execute(select(Cell.cell_key, Cell.id).where(Cell.study_id == study.id)).all())
 
@@ -64,16 +66,20 @@ def sync_cells(session: Session, study: Study, cells: Iterable[Mapping[str, Any]
         conn.execute(CellFactor.__table__.delete().where(CellFactor.__table__.c.cell_id.in_(list(relabel))))
         conn.execute(CellFactor.__table__.insert(), [{"cell_id": cid, "name": name, **encode_factor(value)}
                                                      for cid, f in relabel.items() for name, value in f.items()])
-    if not new:
-        return {key: cid for key, (cid, _) in existing.items()}
-    conn.execute(Cell.__table__.insert(), [{"study_id": study.id, "cell_key": key, "seed": c["seed"],
-                                            "factors": dict(c["factors"]), "config": dict(c["config"]),
-                                            "status": CellStatus.pending} for key, c in new.items()])
-    ids = stored()
-    factors = [{"cell_id": ids[key], "name": name, **encode_factor(value)}
-               for key, c in new.items() for name, value in c["factors"].items()]
-    if factors:
-        conn.execute(CellFactor.__table__.insert(), factors)
+    ids = {key: cid for key, (cid, _) in existing.items()}
+    if not new and not relabel:
+        return ids
+    if new:
+        conn.execute(Cell.__table__.insert(), [{"study_id": study.id, "cell_key": key, "seed": c["seed"],
+                                                "factors": dict(c["factors"]), "config": dict(c["config"]),
+                                                "status": CellStatus.pending} for key, c in new.items()])
+        ids = stored()
+        factors = [{"cell_id": ids[key], "name": name, **encode_factor(value)}
+                   for key, c in new.items() for name, value in c["factors"].items()]
+        if factors:
+            conn.execute(CellFactor.__table__.insert(), factors)
+    # Its columns are the stored factors, typed by their levels: both changed.
+    views.refresh_study_view(conn, study.id, study.name)
     return ids
 
 

@@ -12,6 +12,7 @@ from alembic.util import CommandError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from . import views
 from .session import DatabaseError, describe
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -76,7 +77,9 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def _migrate(engine: Engine, step, revision: str) -> None:
-    check_revision(engine)
+    current = check_revision(engine)
+    head = head_revision()
+    target = head if revision == "head" else revision
     cfg = _config()
     try:
         with engine.connect() as conn:
@@ -89,7 +92,14 @@ def _migrate(engine: Engine, step, revision: str) -> None:
             try:
                 with conn.begin():
                     cfg.attributes["connection"] = conn
+                    moving = current != target
+                    if moving:
+                        # The views are derived (db/views.py): no migration step
+                        # meets them, and this code rebuilds them at head.
+                        views.drop_views(conn)
                     step(cfg, revision)
+                    if moving and target == head:
+                        views.create_views(conn)
                     # A write that changes nothing: a read-only file or server
                     # fails here, before any job runs, not at the first result.
                     conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")

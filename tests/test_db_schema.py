@@ -22,7 +22,7 @@ def test_models_equal_the_migrated_schema(db_engine):
     with db_engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == []
-    assert current_revision(db_engine) == head_revision() == "0004"
+    assert current_revision(db_engine) == head_revision() == "0005"
 
 
 def test_sqlite_engine_pragmas(tmp_path):
