@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import added_field
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -37,6 +39,9 @@ class AugmentSpec:
     # permuted, then into f row strips that are permuted; 1 = off.
     shuffle_patches: int = 1
     randaugment: tuple[int, int] | None = None  # (num_ops, magnitude 0-30), or None
+    # Draw Equalize too, as torchvision's RandAugment (14 ops) does; off, the 13 ops
+    # that existing stored labels and results were drawn from (rd3core.randaugment).
+    randaugment_equalize: bool = added_field(False)
 
     def validate(self):
         lo, hi = self.scale
@@ -54,6 +59,8 @@ class AugmentSpec:
             yield "padding", f"expected >= 0, got {self.padding}"
         if self.randaugment is not None and (self.randaugment[0] < 0 or not 0 <= self.randaugment[1] <= 30):
             yield "randaugment", f"expected [num_ops >= 0, magnitude 0-30], got {list(self.randaugment)}"
+        if self.randaugment_equalize and self.randaugment is None:
+            yield "randaugment_equalize", "has no effect without randaugment"
 
 
 NO_AUGMENT = AugmentSpec(crop="none", flip=False, mix="none")
@@ -149,9 +156,9 @@ def draw(spec: AugmentSpec, n: int, h: int, w: int, gen: torch.Generator,
     if spec.flip:
         params.flip = torch.rand(n, generator=gen) < 0.5
     if spec.randaugment is not None and spec.randaugment[0] > 0:
-        from .randaugment import NUM_OPS
+        from .randaugment import num_ops
         k = spec.randaugment[0]
-        params.ra_ops = torch.randint(0, NUM_OPS, (n, k), generator=gen).to(torch.int8)
+        params.ra_ops = torch.randint(0, num_ops(spec.randaugment_equalize), (n, k), generator=gen).to(torch.int8)
         params.ra_signs = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(torch.int8)
     if spec.mix != "none" and n > 1 and torch.rand(1, generator=gen).item() < spec.mix_prob:
         # numpy's Beta, seeded from the torch generator: torch's Beta sampler takes no generator.
@@ -159,18 +166,22 @@ def draw(spec: AugmentSpec, n: int, h: int, w: int, gen: torch.Generator,
         lam = float(rng.beta(spec.mix_alpha, spec.mix_alpha))
         params.mix_perm = torch.randperm(n, generator=gen)
         if spec.mix == "cutmix":
-            # SRe2L/RDED's rand_bbox: a box of side sqrt(1 - lam) centred uniformly, clipped.
-            cut = math.sqrt(1.0 - lam)
-            cut_h, cut_w = int(oh * cut), int(ow * cut)
             cy = int(torch.randint(0, oh, (1,), generator=gen))
             cx = int(torch.randint(0, ow, (1,), generator=gen))
-            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, oh)
-            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, ow)
-            params.mix_box = (y0, y1, x0, x1)
-            # The label weight is the area actually kept after clipping the box.
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / (oh * ow)
+            params.mix_box, lam = cutmix_box(lam, cy, cx, oh, ow)
         params.mix_lam = lam
     return params
+
+
+def cutmix_box(lam: float, cy: int, cx: int, oh: int, ow: int) -> tuple[tuple[int, int, int, int], float]:
+    """SRe2L/RDED's rand_bbox: a box of side sqrt(1 - lam) centred on (cy, cx),
+    clipped to the image. Returns (y0, y1, x0, x1) and the label weight, which is
+    the area actually kept after clipping (what torchvision's CutMix calls lam_adjusted)."""
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = int(oh * cut) // 2, int(ow * cut) // 2
+    y0, y1 = max(cy - half_h, 0), min(cy + half_h, oh)
+    x0, x1 = max(cx - half_w, 0), min(cx + half_w, ow)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / (oh * ow)
 
 
 def _strip_index(perm: torch.Tensor, size: int, f: int) -> torch.Tensor:

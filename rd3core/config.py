@@ -192,7 +192,19 @@ def build(cls: type, data: Mapping | None, path: str = "") -> Any:
     return obj
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_ADDED = "rd3.added_field"
+
+
+def added_field(default: Any) -> Any:
+    """A config field added after results were stored without it. :func:`to_dict`
+    leaves it out while it holds ``default``, so every cell id and stage key hashed
+    before it existed stays the same (as a dataset's identity leaves out keys at
+    their default); set to anything else, it is stored and hashed like any field."""
+    return dataclasses.field(default=default, metadata={_ADDED: True})
+
+
+# Per dataclass: its field names, and the added fields' defaults in canonical form.
+_FIELD_NAMES: dict[type, tuple[tuple[str, ...], dict[str, Any]]] = {}
 
 
 def to_dict(obj: Any) -> Any:
@@ -206,11 +218,18 @@ def to_dict(obj: Any) -> Any:
         return {str(k): to_dict(v) for k, v in obj.items()}
     if kind is list or kind is tuple:
         return [to_dict(v) for v in obj]
-    names = _FIELD_NAMES.get(kind)
-    if names is None and dataclasses.is_dataclass(kind):
-        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
-    if names is not None:
-        return {name: to_dict(getattr(obj, name)) for name in names}
+    known = _FIELD_NAMES.get(kind)
+    if known is None and dataclasses.is_dataclass(kind):
+        fs = dataclasses.fields(kind)
+        known = _FIELD_NAMES[kind] = (tuple(f.name for f in fs),
+                                      {f.name: to_dict(f.default) for f in fs if f.metadata.get(_ADDED)})
+    if known is not None:
+        names, added = known
+        out = {name: to_dict(getattr(obj, name)) for name in names}
+        for name, default in added.items():
+            if out[name] == default:
+                del out[name]
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import augment as aug
 from .data import DatasetInfo, Split, as_float
@@ -233,7 +234,12 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
     batches = _Batches(data, runtime)
     optimizer = make_optimizer(model, protocol.optim)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    # EMA with swa_utils' update (torch's own foreach lerp, as AveragedModel uses it).
+    # AveragedModel.update_parameters is not used: every call it moves its CPU step
+    # count to the device, a host sync per step on CUDA, and its first call copies
+    # the weights instead of averaging, where our EMA starts from the initial ones.
     ema = copy.deepcopy(model).requires_grad_(False) if protocol.ema_decay else None
+    ema_update = get_ema_multi_avg_fn(protocol.ema_decay) if ema is not None else None
     ema_params = list(ema.parameters()) if ema is not None else []
     params_list = list(model.parameters())
 
@@ -296,8 +302,8 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
             loss.backward()
             optimizer.step()
             if ema is not None:
+                ema_update(ema_params, params_list, None)  # the step count: unused by an EMA
                 with torch.no_grad():
-                    torch._foreach_lerp_(ema_params, params_list, 1.0 - protocol.ema_decay)
                     for be, b in zip(ema.buffers(), model.buffers()):
                         be.copy_(b)
             sums += torch.stack([loss.detach(), (logits.detach().argmax(1) == y).sum().float()])

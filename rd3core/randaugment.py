@@ -1,8 +1,12 @@
 """RandAugment (Cubuk et al. 2020) applied to a whole batch at once.
 
 Op ids and signs are drawn in :func:`rd3core.augment.draw`; this module only
-applies them. Magnitude scales follow torchvision's RandAugment (31 bins);
-Equalize is left out because it has no cheap batched form.
+applies them. The op list and magnitude scales (31 bins) are torchvision's.
+Equalize, its 14th op, is drawn only with ``AugmentSpec.randaugment_equalize``:
+the default draws from the 13 others, as every stored label and result so far
+was drawn. How each op compares with torchvision's on the same parameters
+(interpolation, shear centre, sub-pixel translation, borders) is in
+docs/PROTOCOL.md and tests/test_augment_fidelity.py.
 """
 from __future__ import annotations
 
@@ -11,9 +15,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Equalize comes last so that the other ops' ids (stored as AugParams.ra_ops) mean
+# the same with it and without it.
 OPS = ("identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
-       "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-NUM_OPS = len(OPS)
+       "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y", "equalize")
+
+
+def num_ops(equalize: bool) -> int:
+    """How many of OPS a draw picks from: ids 0..num_ops-1."""
+    return len(OPS) if equalize else len(OPS) - 1
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -29,6 +39,24 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """PIL's histogram equalisation (as torchvision's ``equalize``) of every image
+    and channel at once: one 256-bin histogram per row of a [N*C, H*W] view."""
+    n, c, h, w = x.shape
+    # torchvision's float -> uint8 conversion (x * 255.999, truncated), so a float
+    # image equalises exactly as torchvision's; the clamp only guards the cast.
+    levels = (x.clamp(0, 1) * (256 - 1e-3)).to(torch.uint8).view(n * c, h * w).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, levels, torch.ones_like(levels))
+    # PIL: step = (pixels below the brightest level present) // 255; lut[k] =
+    # (pixels below level k + step // 2) // step; step 0 leaves the image as it is.
+    brightest = hist.gather(1, levels.amax(1, keepdim=True))
+    step = (h * w - brightest) // 255
+    below = hist.cumsum(1)[:, :-1]
+    lut = torch.cat([torch.zeros_like(step), ((below + step // 2) // step.clamp(min=1)).clamp(max=255)], 1)
+    out = torch.where(step > 0, lut.gather(1, levels), levels)
+    return (out.to(x.dtype) * (1 / 255)).view_as(x)
 
 
 def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.Tensor:
@@ -56,6 +84,8 @@ def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.T
     if name == "solarize":
         threshold = 1.0 - mag
         return torch.where(x >= threshold, 1.0 - x, x)
+    if name == "equalize":
+        return _equalize(x)
     if name == "autocontrast":
         lo = x.amin(dim=(2, 3), keepdim=True)
         hi = x.amax(dim=(2, 3), keepdim=True)
@@ -64,14 +94,18 @@ def _op(name: str, x: torch.Tensor, signed: torch.Tensor, mag: float) -> torch.T
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = 1
     theta[:, 1, 1] = 1
+    # theta acts on coordinates normalised to [-1, 1] per axis: a map A in pixels
+    # is [[A00, A01 h/w], [A10 w/h, A11]] there (on a square image, A itself), or
+    # a rotation of a non-square image would stretch it.
+    h_per_w = x.shape[-2] / x.shape[-1]
     if name == "rotate":
         angle = math.radians(30.0 * mag) * signed
-        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
-        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), -torch.sin(angle) * h_per_w
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / h_per_w, torch.cos(angle)
     elif name == "shear_x":
-        theta[:, 0, 1] = 0.3 * mag * signed
+        theta[:, 0, 1] = 0.3 * mag * signed * h_per_w
     elif name == "shear_y":
-        theta[:, 1, 0] = 0.3 * mag * signed
+        theta[:, 1, 0] = 0.3 * mag * signed / h_per_w
     elif name == "translate_x":
         theta[:, 0, 2] = 2 * (150 / 331) * mag * signed  # torchvision: 150/331 of the width at full magnitude
     elif name == "translate_y":

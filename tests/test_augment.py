@@ -1,6 +1,7 @@
 """Batched augmentation: every drawn parameter is checked against the pixels it
 produced, and apply() is a pure function of the parameters."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,6 +123,17 @@ def test_randaugment_is_a_pure_function_of_its_params():
     identity = AugParams(n=16, in_hw=(16, 16), out_hw=(16, 16), ra_ops=torch.zeros(16, 2, dtype=torch.int8),
                          ra_signs=torch.ones(16, 2, dtype=torch.int8))
     assert torch.equal(aug.apply(x, identity, spec), x)
+
+
+def test_randaugment_equalize_needs_randaugment_and_leaves_the_other_draws_alone():
+    assert dict(AugmentSpec(randaugment_equalize=True).validate()) == {
+        "randaugment_equalize": "has no effect without randaugment"}
+    base = AugmentSpec(crop="rrc", mix="cutmix", randaugment=(2, 9))
+    off, on = aug.draw(base, 64, 16, 16, gen(3)), aug.draw(replace(base, randaugment_equalize=True), 64, 16, 16, gen(3))
+    # Off, the op ids are the 13-op draws every stored label holds (equalize never
+    # drawn); on, the same generator calls with 14 choices: nothing else moves.
+    assert off.ra_ops.max() < 13 and (on.ra_ops == 13).any()
+    assert torch.equal(off.crop, on.crop) and torch.equal(off.mix_perm, on.mix_perm) and off.mix_box == on.mix_box
 
 
 def test_same_seed_same_draw_and_state_round_trip():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rd3core import Runtime
 from rd3core.config import build
@@ -172,6 +173,24 @@ def test_ema_weights_are_what_is_evaluated(digits, distilled):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(ema.model.parameters(), student.parameters()))
     assert ema.metrics["top1"] == evaluate(ema.model, digits.test, digits.info, Runtime())
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99])
+def test_ema_is_the_decay_recurrence_bit_for_bit(digits, distilled, decay):
+    # ema_0 = the initial weights; after every optimiser step ema = lerp(ema, w, 1 - decay)
+    # (swa_utils' EMA update); buffers are the student's own.
+    data = Split(distilled.images, distilled.labels)
+    student = build_model(ARCH, digits, 0)
+    ema = [p.detach().clone() for p in student.parameters()]
+    hook = register_optimizer_step_post_hook(
+        lambda *_: [e.lerp_(p.detach(), 1.0 - decay) for e, p in zip(ema, student.parameters())])
+    try:
+        out = train(student, data, digits.info, protocol(labels={"mode": "hard"}, epochs=2, ema_decay=decay),
+                    HardLabels(), batch_size=16, seed=0)
+    finally:
+        hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(out.model.parameters(), ema))
+    assert all(torch.equal(a, b) for a, b in zip(out.model.buffers(), student.buffers()))
 
 
 def test_eval_interval_best_on_test_and_heldout_are_named_apart(digits, distilled):
