@@ -22,7 +22,7 @@ from rd3core.teachers import CheckpointError, list_layouts
 
 from .study import yamlsrc
 from .analysis.design import AnalysisError
-from .study.spec import StudyError
+from .study.spec import StudyError, list_bounds
 
 # A cluster's PostgreSQL URL (with its password) comes from the environment, never
 # a study file or a command line that `ps` shows.
@@ -30,7 +30,7 @@ DEFAULT_DB = os.environ.get("RD3_DB_URL") or None
 DB_HELP = "SQLAlchemy URL of the results DB (default: $RD3_DB_URL, else sqlite in --out)"
 
 LISTS = {"presets": list_presets, "datasets": list_datasets, "models": list_models, "methods": list_methods,
-         "layouts": list_layouts}
+         "layouts": list_layouts, "bounds": list_bounds}
 
 
 def build_parser(prog: str = "python -m orchestrator") -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import added_field
+from .config import added_field, bounded
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,14 @@ class AugmentSpec:
     crop: Literal["none", "rrc", "pad"] = "rrc"
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    padding: int = 4  # crop == "pad": RandomCrop(size, padding) as in CIFAR recipes
+    padding: int = bounded(4, ge=0, le=1024)  # crop == "pad": RandomCrop(size, padding) as in CIFAR recipes
     flip: bool = True
     mix: Literal["none", "cutmix", "mixup"] = "cutmix"
-    mix_alpha: float = 1.0  # CutMix's beta or MixUp's alpha: lam ~ Beta(a, a)
-    mix_prob: float = 1.0  # probability that a batch is mixed
+    mix_alpha: float = bounded(1.0, gt=0, le=1000)  # CutMix's beta or MixUp's alpha: lam ~ Beta(a, a)
+    mix_prob: float = bounded(1.0, ge=0, le=1)  # probability that a batch is mixed
     # RDED's ShufflePatches(f): the image is cut into f column strips that are
     # permuted, then into f row strips that are permuted; 1 = off.
-    shuffle_patches: int = 1
+    shuffle_patches: int = bounded(1, ge=1, le=64)
     randaugment: tuple[int, int] | None = None  # (num_ops, magnitude 0-30), or None
     # Draw Equalize too, as torchvision's RandAugment (14 ops) does; off, the 13 ops
     # that existing stored labels and results were drawn from (rd3core.randaugment).
@@ -49,14 +49,6 @@ class AugmentSpec:
             yield "scale", f"expected 0 < min <= max <= 1, got {list(self.scale)}"
         if not 0 < self.ratio[0] <= self.ratio[1]:
             yield "ratio", f"expected 0 < min <= max, got {list(self.ratio)}"
-        if self.mix != "none" and self.mix_alpha <= 0:
-            yield "mix_alpha", f"expected > 0, got {self.mix_alpha}"
-        if not 0 <= self.mix_prob <= 1:
-            yield "mix_prob", f"expected a probability, got {self.mix_prob}"
-        if not 1 <= self.shuffle_patches <= 64:
-            yield "shuffle_patches", f"expected 1-64, got {self.shuffle_patches}"
-        if self.padding < 0:
-            yield "padding", f"expected >= 0, got {self.padding}"
         if self.randaugment is not None and (self.randaugment[0] < 0 or not 0 <= self.randaugment[1] <= 30):
             yield "randaugment", f"expected [num_ops >= 0, magnitude 0-30], got {list(self.randaugment)}"
         if self.randaugment_equalize and self.randaugment is None:

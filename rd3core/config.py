@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import types
 import typing
 from dataclasses import dataclass
@@ -167,6 +168,8 @@ def _build(cls: type, data: Mapping, path: str, problems: list[Problem]) -> Any:
             continue
         kwargs[key] = _convert(hints[key], value, _join(path, key), problems)
         blocked |= kwargs[key] is _BAD
+        if not blocked and (bad := bound_problem(fields[key], kwargs[key])):
+            problems.append(Problem(_join(path, key), bad))
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(Problem(_join(path, name), f"required key missing ({_type_name(hints[name])})"))
@@ -190,6 +193,46 @@ def build(cls: type, data: Mapping | None, path: str = "") -> Any:
     if problems:
         raise ConfigError(problems)
     return obj
+
+
+_BOUNDS = "rd3.bounds"
+_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A numeric field with bounds that :func:`build` enforces (on numbers only:
+    a field that also takes a string or null keeps those). The bounds are the
+    documented ones (``rd3 list bounds`` prints them all): lower ones where a run
+    cannot mean anything else, upper ones far beyond any published recipe, so a
+    typo of a few digits is refused before a run is planned on it."""
+    bounds = {op: v for op, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, metadata={_BOUNDS: bounds})
+
+
+def bounds_of(f: dataclasses.Field) -> dict[str, float]:
+    """A field's bounds: {"ge"|"gt"|"le"|"lt": limit} (empty when it has none)."""
+    return f.metadata.get(_BOUNDS, {})
+
+
+def describe_bounds(bounds: Mapping[str, float]) -> str:
+    return ", ".join(f"{_OPS[op][0]} {_number(limit)}" for op, limit in bounds.items())
+
+
+def bound_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` is outside field ``f``'s bounds, or None."""
+    bounds = bounds_of(f)
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    for op, limit in bounds.items():
+        sign, holds = _OPS[op]
+        if not holds(value, limit):
+            return f"expected {sign} {_number(limit)}, got {value}"
+    return None
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 _ADDED = "rd3.added_field"

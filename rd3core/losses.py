@@ -14,22 +14,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .config import bounded
+
 
 @dataclass(frozen=True)
 class LossSpec:
     kind: Literal["kl", "soft_ce", "mse"] = "kl"
-    temperature: float = 4.0
-    temperature_end: float | None = None  # linear schedule start -> end over training; None = fixed
+    temperature: float = bounded(4.0, gt=0, le=1000)
+    # A linear schedule start -> end over training; None = fixed.
+    temperature_end: float | None = bounded(None, gt=0, le=1000)
     t_squared: bool = False  # multiply the KL by T^2 (Hinton); SRe2L/RDED do not
-    gamma: float = 0.0  # weight of an added hard-label CE term
-
-    def validate(self):
-        if self.temperature <= 0:
-            yield "temperature", f"expected > 0, got {self.temperature}"
-        if self.temperature_end is not None and self.temperature_end <= 0:
-            yield "temperature_end", f"expected > 0, got {self.temperature_end}"
-        if self.gamma < 0:
-            yield "gamma", f"expected >= 0, got {self.gamma}"
+    gamma: float = bounded(0.0, ge=0, le=1000)  # weight of an added hard-label CE term
 
     def temperature_at(self, progress: float) -> float:
         """Temperature at ``progress`` in [0, 1] of training."""

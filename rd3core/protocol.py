@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .augment import AugmentSpec
-from .config import build, merge, to_dict
+from .config import bounded, build, merge, to_dict
 from .losses import LossSpec
 from .registry import Registry
 
@@ -32,7 +32,7 @@ class LabelSpec:
     # epochwise/stored: views and their labels are drawn afresh every k epochs and
     # replayed in between (1 = every step's batch is new; storage shrinks k-fold,
     # which is how LPLD's pruned label pool is modelled).
-    refresh_every: int = 1
+    refresh_every: int = bounded(1, ge=1, le=100_000)
     # Teacher architectures that label (declared in the study's teachers); empty
     # means the study's primary teacher.
     teachers: tuple[str, ...] = ()
@@ -42,18 +42,14 @@ class LabelSpec:
     # stored only: keep the k largest logits per view (None: all). The rest of
     # the probability mass is spread evenly over the other classes at the loss
     # temperature (FKD/RDED's "marginal smoothing").
-    topk: int | None = None
+    topk: int | None = bounded(None, ge=1, le=1_000_000)
     precision: Literal["fp16", "fp32"] = "fp16"  # stored only: dtype of the stored logits (SRe2L: fp16)
 
     def validate(self):
-        if self.refresh_every < 1:
-            yield "refresh_every", f"expected >= 1, got {self.refresh_every}"
         if self.mode not in ("epochwise", "stored") and self.refresh_every != 1:
             yield "refresh_every", f"only applies to modes 'epochwise' and 'stored' (mode is {self.mode!r})"
         if len(set(self.teachers)) != len(self.teachers):
             yield "teachers", f"names a teacher twice: {list(self.teachers)}"
-        if self.topk is not None and self.topk < 1:
-            yield "topk", f"expected >= 1 or null, got {self.topk}"
         if self.mode != "stored" and (self.topk is not None or self.precision != "fp16"):
             yield "mode", f"topk and precision only apply to mode 'stored' (mode is {self.mode!r})"
 
@@ -61,17 +57,11 @@ class LabelSpec:
 @dataclass(frozen=True)
 class OptimSpec:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    lr: float = bounded(1e-3, gt=0, le=100)
+    weight_decay: float = bounded(0.01, ge=0, le=10)
     no_decay_norm_bias: bool = False  # exclude norm weights and biases from weight decay (SRe2L)
-    momentum: float = 0.9  # sgd only
+    momentum: float = bounded(0.9, ge=0, lt=1)  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
-
-    def validate(self):
-        if self.lr <= 0:
-            yield "lr", f"expected > 0, got {self.lr}"
-        if self.weight_decay < 0:
-            yield "weight_decay", f"expected >= 0, got {self.weight_decay}"
 
 
 def rd3_zeta(student: str) -> float:
@@ -94,17 +84,11 @@ class ScheduleSpec:
     # zeta = 1 is "cosine to 0"; zeta = 2 is RDED/EDC's smoothed cosine ending at 0.5x.
     # "rd3": RD3's rule (rd3_zeta), resolved from the student by the Protocol.
     name: Literal["cosine", "step", "constant"] = "cosine"
-    zeta: float | Literal["rd3"] = 1.0
-    warmup_epochs: int = 0  # linear warm-up from 0
+    zeta: float | Literal["rd3"] = bounded(1.0, ge=1, le=1000)
+    warmup_epochs: int = bounded(0, ge=0, le=100_000)  # linear warm-up from 0
     milestones: tuple[int, ...] = ()  # step: epochs at which lr is multiplied by step_gamma
-    step_gamma: float = 0.1
+    step_gamma: float = bounded(0.1, gt=0, le=1)
     per: Literal["step", "epoch"] = "step"  # granularity of lr updates
-
-    def validate(self):
-        if not isinstance(self.zeta, str) and self.zeta < 1:
-            yield "zeta", f"expected >= 1, got {self.zeta}"
-        if self.warmup_epochs < 0:
-            yield "warmup_epochs", f"expected >= 0, got {self.warmup_epochs}"
 
     def factor(self, epoch: float, epochs: int) -> float:
         """lr multiplier at (fractional) ``epoch`` of ``epochs``."""
@@ -127,7 +111,7 @@ class ScheduleSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    interval: int = 0  # also evaluate every k epochs for learning curves (0: final only)
+    interval: int = bounded(0, ge=0, le=100_000)  # also evaluate every k epochs for learning curves (0: final only)
     # Selecting an epoch on held-out real training images is a property of the
     # dataset (rd3core.data.carve_heldout; a study's dataset.heldout_per_class):
     # posteval evaluates on dataset.heldout at these epochs when it has one.
@@ -136,17 +120,13 @@ class EvalSpec:
     record_best_on_test: bool = False
     # Evaluations before this fraction of the epochs do not count for
     # top1_best_on_test (RDED: best after 80% of the epochs).
-    best_after_fraction: float = 0.0
+    best_after_fraction: float = bounded(0.0, ge=0, lt=1)
     # identity: the dataset's test transform; flip_tta: also the mirrored image,
     # logits summed.
     test_transform: Literal["identity", "flip_tta"] = "identity"
-    batch_size: int = 500
+    batch_size: int = bounded(500, ge=1, le=65_536)
 
     def validate(self):
-        if not 0 <= self.best_after_fraction < 1:
-            yield "best_after_fraction", f"expected in [0, 1), got {self.best_after_fraction}"
-        if self.interval < 0:
-            yield "interval", f"expected >= 0, got {self.interval}"
         if self.record_best_on_test and not self.interval:
             yield "interval", "record_best_on_test needs eval.interval > 0"
 
@@ -154,15 +134,15 @@ class EvalSpec:
 @dataclass(frozen=True)
 class Protocol:
     student: str = "resnet18"
-    epochs: int = 300
+    epochs: int = bounded(300, ge=1, le=100_000)
     # An int, or "rded": RDED's rule from IPC and class count (see batch_size_for).
-    batch_size: int | Literal["rded"] = 50
+    batch_size: int | Literal["rded"] = bounded(50, ge=1, le=65_536)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     labels: LabelSpec = field(default_factory=LabelSpec)
     loss: LossSpec = field(default_factory=LossSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
-    ema_decay: float | None = None  # evaluate an EMA of the weights (EDC: 0.99)
+    ema_decay: float | None = bounded(None, gt=0, lt=1)  # evaluate an EMA of the weights (EDC: 0.99)
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
@@ -176,12 +156,6 @@ class Protocol:
 
         if self.student not in MODELS:
             yield "student", MODELS.unknown_message(self.student)
-        if self.epochs < 1:
-            yield "epochs", f"expected >= 1, got {self.epochs}"
-        if isinstance(self.batch_size, int) and self.batch_size < 1:
-            yield "batch_size", f"expected >= 1 or 'rded', got {self.batch_size}"
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            yield "ema_decay", f"expected in (0, 1), got {self.ema_decay}"
 
 
 def batch_size_for(protocol: Protocol, ipc: int, num_classes: int, family: str | None = None) -> int:

@@ -12,7 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from rd3core.config import bounded
+
 RESOURCE_STAGES = ("teacher", "synth", "labels", "posteval")
+
+# Bounds of a request: Ray counts resources in units of 0.0001; beyond these
+# counts no cluster exists, so a larger number is a typo.
+RAY_UNIT = 0.0001
+MAX_CPUS, MAX_GPUS = 100_000, 10_000
 
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -53,11 +60,11 @@ class Resources:
 
 
 def _job_problems(cpus: float | None, gpus: float | None, memory: int | str | None):
-    if cpus is not None and cpus <= 0:
-        yield "cpus", f"expected a number of CPUs > 0 per job, got {cpus}"
+    if cpus is not None and cpus < RAY_UNIT:
+        yield "cpus", f"expected a number of CPUs >= {RAY_UNIT} per job (Ray's smallest unit), got {cpus}"
     if gpus is not None:
-        if gpus < 0:
-            yield "gpus", f"expected a number of GPUs >= 0 per job, got {gpus}"
+        if gpus < 0 or 0 < gpus < RAY_UNIT:
+            yield "gpus", f"expected 0 or a number of GPUs >= {RAY_UNIT} per job (Ray's smallest unit), got {gpus}"
         elif gpus > 1 and gpus != int(gpus):
             # Ray shares a GPU only below one; above one it must be whole GPUs.
             yield "gpus", f"expected a fraction below 1 or a whole number of GPUs, got {gpus}"
@@ -71,8 +78,8 @@ def _job_problems(cpus: float | None, gpus: float | None, memory: int | str | No
 class StageResources:
     """One stage's overrides; None inherits the study-wide value."""
 
-    cpus: float | None = None
-    gpus: float | None = None
+    cpus: float | None = bounded(None, le=MAX_CPUS)
+    gpus: float | None = bounded(None, le=MAX_GPUS)
     memory: int | str | None = None
 
     def validate(self):
@@ -81,12 +88,12 @@ class StageResources:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    cpus: float = 1.0  # per job, every stage unless the stage says otherwise
-    gpus: float = 0.0  # per job; a fraction below 1 lets jobs share a GPU
+    cpus: float = bounded(1.0, le=MAX_CPUS)  # per job, every stage unless the stage says otherwise
+    gpus: float = bounded(0.0, le=MAX_GPUS)  # per job; a fraction below 1 lets jobs share a GPU
     memory: int | str | None = None  # per job: bytes or '8GB', '512MiB'; None: no reservation
-    max_concurrent: int | None = None  # jobs in flight at once (None: as many as fit)
-    max_cpus: int | None = None  # the most CPUs the study may use at once
-    max_gpus: int | None = None  # the most GPUs the study may use at once
+    max_concurrent: int | None = bounded(None, ge=1, le=1_000_000)  # jobs in flight at once (None: as many as fit)
+    max_cpus: int | None = bounded(None, ge=1, le=MAX_CPUS)  # the most CPUs the study may use at once
+    max_gpus: int | None = bounded(None, ge=0, le=MAX_GPUS)  # the most GPUs the study may use at once
     teacher: StageResources = field(default_factory=StageResources)
     synth: StageResources = field(default_factory=StageResources)
     labels: StageResources = field(default_factory=StageResources)
@@ -94,12 +101,6 @@ class ResourcesSpec:
 
     def validate(self):
         yield from _job_problems(self.cpus, self.gpus, self.memory)
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            yield "max_concurrent", f"expected >= 1 job in flight, got {self.max_concurrent}"
-        for name in ("max_cpus", "max_gpus"):
-            value = getattr(self, name)
-            if value is not None and value < (1 if name == "max_cpus" else 0):
-                yield name, f"expected >= {1 if name == 'max_cpus' else 0}, got {value}"
         for kind, limit in {"cpus": self.max_cpus, "gpus": self.max_gpus}.items():
             if limit is not None and limit >= 0:
                 for path, who, value in self.asks_above(kind, limit):

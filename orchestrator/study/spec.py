@@ -6,18 +6,21 @@ before anything is written. docs/STUDIES.md describes every key.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rd3core.config import ConfigError, Problem, build, canonical_json, merge, to_dict
+from rd3core.config import (ConfigError, Problem, bounded, bounds_of, build, canonical_json, describe_bounds,
+                            field_types, merge, to_dict)
 from rd3core.data import (DATASETS, HELDOUT_SEED, DatasetInfo, check_location, data_env_var, dataset_info,
                           heldout_problem, load_dataset)
 from rd3core.pipeline import TeacherSpec
-from rd3core.protocol import PRESETS, preset_protocol_dict, resolve_protocol
+from rd3core.protocol import PRESETS, Protocol, preset_protocol_dict, resolve_protocol
 from rd3core.synth import METHODS
 
 from . import yamlsrc
@@ -38,14 +41,12 @@ class DatasetSpec:
     root: str | None = None  # path to the data, or the RD3_DATA_<NAME> environment variable
     # Real training images per class carved out of the training split before any
     # stage sees it (rd3core.data.carve_heldout): posteval selects an epoch on them.
-    heldout_per_class: int = 0
+    heldout_per_class: int = bounded(0, ge=0, le=100_000)
 
     def validate(self):
         if self.name not in DATASETS:
             yield "name", DATASETS.unknown_message(self.name)
             return
-        if self.heldout_per_class < 0:
-            yield "heldout_per_class", f"expected >= 0, got {self.heldout_per_class}"
         try:
             check_location(self.name, self.root)
             dataset_info(self.name, self.root)  # facts read from the data (imagefolder): a bad tree shows here
@@ -237,14 +238,44 @@ def parse_method(entry: Any, path: str) -> tuple[MethodConfig | None, list[Probl
     return MethodConfig(name, built, label, native), []
 
 
+def bounded_fields():
+    """(key path, config class, field) of every bounded key of a study: the
+    study's own keys, the protocol's (as overrides and factors name them) and
+    each method's parameters."""
+    def walk(cls: type, prefix: str):
+        for f in fields(cls):
+            if bounds_of(f):
+                yield f"{prefix}{f.name}", cls, f
+            for inner, many in _configs_in(field_types(cls)[f.name]):
+                yield from walk(inner, f"{prefix}{f.name}{'[]' if many else ''}.")
+
+    yield from walk(StudySpec, "")
+    yield from walk(Protocol, "protocol.")
+    for name in METHODS.names():
+        yield from walk(METHODS.get(name).params, f"methods[name={name}].")
+
+
+def list_bounds() -> list[str]:
+    """``rd3 list bounds``: one line per bounded key."""
+    return [f"{key}: {describe_bounds(bounds_of(f))}" for key, _, f in bounded_fields()]
+
+
+def _configs_in(tp: Any, many: bool = False):
+    """(config dataclass, inside a list?) for each dataclass a field's type holds."""
+    if dataclasses.is_dataclass(tp):
+        yield tp, many
+    for arg in typing.get_args(tp):
+        yield from _configs_in(arg, many or typing.get_origin(tp) is tuple)
+
+
 def load_study(path: str | Path, text: str | None = None) -> Study:
     """Parse and validate everything but the per-cell resolution (done by expand)."""
     path = Path(path)
     if text is None:
         if not path.is_file():
             raise StudyError([f"{path}: no such study file"])
-        text = path.read_text()
     try:
+        text = yamlsrc.read_text(path) if text is None else text
         source = yamlsrc.load(path, text)
     except yamlsrc.YamlSyntaxError as exc:
         raise StudyError([str(exc)]) from None

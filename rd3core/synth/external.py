@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..config import to_dict
+from ..config import bounded, to_dict
 from ..data import Dataset, DatasetInfo
 from .base import DistilledSet, register_method
 
@@ -59,12 +59,11 @@ class ExternalSetError(ValueError):
 @dataclass(frozen=True)
 class ExternalParams:
     path: str  # ImageFolder directory, .tar(.gz) of one, .pt/.pth or .npz
-    ipc: int | None = None  # None: whatever the set holds; else every class must hold exactly this many
+    # None: whatever the set holds; else every class must hold exactly this many.
+    ipc: int | None = bounded(None, ge=1, le=100_000)
     format: Literal["auto", "imagefolder", "tar", "pt", "npz"] = "auto"
 
     def validate(self):
-        if self.ipc is not None and self.ipc < 1:
-            yield "ipc", f"expected >= 1 or null, got {self.ipc}"
         path = Path(self.path).expanduser()
         if not path.exists():
             yield "path", f"{self.path}: no such file or directory"

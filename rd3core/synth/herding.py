@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import to_dict
+from ..config import bounded, to_dict
 from ..data import as_float
 from ..seeding import generator
 from .base import DistilledSet, register_method
@@ -24,13 +24,11 @@ from .teacher import penultimate_features
 
 @dataclass(frozen=True)
 class HerdingParams:
-    ipc: int = 10
-    candidates_per_class: int | None = None  # None: every training image of the class
+    ipc: int = bounded(10, ge=1, le=100_000)
+    candidates_per_class: int | None = bounded(None, le=100_000)  # None: every training image of the class
     normalize: bool = True  # L2-normalise features before herding (iCaRL)
 
     def validate(self):
-        if self.ipc < 1:
-            yield "ipc", f"expected >= 1, got {self.ipc}"
         if self.candidates_per_class is not None and self.candidates_per_class < self.ipc:
             yield "candidates_per_class", f"expected >= ipc ({self.ipc}) or null, got {self.candidates_per_class}"
 

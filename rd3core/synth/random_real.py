@@ -7,17 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import bounded
 from ..seeding import generator
 from .base import DistilledSet, register_method
 
 
 @dataclass(frozen=True)
 class RandomRealParams:
-    ipc: int = 10
-
-    def validate(self):
-        if self.ipc < 1:
-            yield "ipc", f"expected >= 1, got {self.ipc}"
+    ipc: int = bounded(10, ge=1, le=100_000)
 
 
 def class_balanced_indices(labels: torch.Tensor, num_classes: int, ipc: int, gen: torch.Generator) -> torch.Tensor:

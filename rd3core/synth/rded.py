@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import augment as aug
+from ..config import bounded
 from ..data import Dataset, as_float
 from ..seeding import generator
 from .base import DistilledSet, register_method, store_images
@@ -26,23 +27,15 @@ from .teacher import CHUNK, cross_entropy
 
 @dataclass(frozen=True)
 class RDEDParams:
-    ipc: int = 10
-    factor: int | None = None  # f; None: 2 at >= 128 px inputs (RDED ImageNet), 1 below (CIFAR, Tiny)
-    candidates_per_class: int = 300  # RDED's mipc
-    crops_per_image: int = 5  # RDED's num_crop
+    ipc: int = bounded(10, ge=1, le=100_000)
+    factor: int | None = bounded(None, ge=1, le=16)  # f; None: 2 at >= 128 px inputs (RDED ImageNet), 1 below (CIFAR, Tiny)
+    candidates_per_class: int = bounded(300, ge=1, le=100_000)  # RDED's mipc
+    crops_per_image: int = bounded(5, ge=1, le=1000)  # RDED's num_crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as RDED
     score_input: Literal["pad", "resize"] = "pad"  # how an input/f crop is brought to input size for scoring
     precision: Literal["uint8", "float32"] = "uint8"  # stored pixels (RDED publishes 8-bit images)
 
     def validate(self):
-        if self.ipc < 1:
-            yield "ipc", f"expected >= 1, got {self.ipc}"
-        if self.factor is not None and self.factor < 1:
-            yield "factor", f"expected >= 1 or null, got {self.factor}"
-        if self.candidates_per_class < 1:
-            yield "candidates_per_class", f"expected >= 1, got {self.candidates_per_class}"
-        if self.crops_per_image < 1:
-            yield "crops_per_image", f"expected >= 1, got {self.crops_per_image}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"expected 0 < min <= max <= 1, got {list(self.crop_scale)}"
 

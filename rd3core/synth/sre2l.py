@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment as aug
+from ..config import bounded
 from ..data import Dataset, DatasetInfo, as_float
 from ..seeding import generator
 from .base import DistilledSet, register_method, store_images
@@ -35,36 +36,23 @@ from .teacher import arch_has_batchnorm, batchnorm_layers, frozen
 
 @dataclass(frozen=True)
 class SRe2LParams:
-    ipc: int = 10
-    iterations: int = 1000
-    lr: float = 0.25
-    r_bn: float = 0.01  # weight of the BN-matching term (SRe2L: 0.01 ImageNet/CIFAR, 1 Tiny)
-    first_bn_weight: float = 10.0
-    jitter: int | None = None  # max roll in px; None: 32 at >= 128 px inputs, 4 at 32-64 px, size // 8 below
+    ipc: int = bounded(10, ge=1, le=100_000)
+    iterations: int = bounded(1000, ge=0, le=1_000_000)
+    lr: float = bounded(0.25, gt=0, le=100)
+    r_bn: float = bounded(0.01, ge=0, le=1e6)  # weight of the BN-matching term (SRe2L: 0.01 ImageNet/CIFAR, 1 Tiny)
+    first_bn_weight: float = bounded(10.0, ge=0, le=1e6)
+    # Max roll in px; None: 32 at >= 128 px inputs, 4 at 32-64 px, size // 8 below.
+    jitter: int | None = bounded(None, ge=0, le=1024)
     crop: Literal["auto", "rrc", "none"] = "auto"  # auto: rrc at >= 64 px inputs, none below (SRe2L CIFAR)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool | None = None  # None: flip exactly when cropping
     init: Literal["noise", "real"] = "noise"  # RD3: real-image init helps
-    batch_size: int = 100  # images optimised together (BN statistics are over this batch)
+    batch_size: int = bounded(100, ge=1, le=65_536)  # images optimised together (BN statistics are over this batch)
     precision: Literal["uint8", "float32"] = "uint8"  # stored pixels (the methods publish 8-bit images)
 
     def validate(self):
-        if self.ipc < 1:
-            yield "ipc", f"expected >= 1, got {self.ipc}"
-        if self.iterations < 0:
-            yield "iterations", f"expected >= 0, got {self.iterations}"
-        if self.lr <= 0:
-            yield "lr", f"expected > 0, got {self.lr}"
-        if self.r_bn < 0:
-            yield "r_bn", f"expected >= 0, got {self.r_bn}"
-        if self.first_bn_weight < 0:
-            yield "first_bn_weight", f"expected >= 0, got {self.first_bn_weight}"
-        if self.jitter is not None and self.jitter < 0:
-            yield "jitter", f"expected >= 0 or null, got {self.jitter}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"expected 0 < min <= max <= 1, got {list(self.crop_scale)}"
-        if self.batch_size < 1:
-            yield "batch_size", f"expected >= 1, got {self.batch_size}"
 
 
 @dataclass(frozen=True)

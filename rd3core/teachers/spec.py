@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..augment import AugmentSpec
-from ..config import to_dict
+from ..config import bounded, to_dict
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..models import MODELS
 from ..protocol import LabelSpec, OptimSpec, Protocol, ScheduleSpec
@@ -79,8 +79,8 @@ class TeacherSpec:
     timm's (``pretrained``); then nothing is trained and those fields are unused."""
 
     arch: str = "convnet3"
-    epochs: int = 30
-    batch_size: int = 128
+    epochs: int = bounded(30, ge=1, le=100_000)
+    batch_size: int = bounded(128, ge=1, le=65_536)
     optim: OptimSpec = field(default_factory=lambda: OptimSpec(name="sgd", lr=0.05, weight_decay=5e-4))
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     augment: AugmentSpec = field(default_factory=lambda: AugmentSpec(crop="pad", padding=4, flip=True, mix="none"))
@@ -128,10 +128,6 @@ class TeacherSpec:
     def validate(self):
         if self.arch not in MODELS:
             yield "arch", MODELS.unknown_message(self.arch)
-        if self.epochs < 1:
-            yield "epochs", f"expected >= 1, got {self.epochs}"
-        if self.batch_size < 1:
-            yield "batch_size", f"expected >= 1, got {self.batch_size}"
         given = [k for k, on in (("checkpoint", self.checkpoint is not None), ("weights", self.weights is not None),
                                  ("pretrained", self.pretrained)) if on]
         if len(given) > 1:
