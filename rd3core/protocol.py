@@ -57,7 +57,7 @@ class LabelSpec:
 @dataclass(frozen=True)
 class OptimSpec:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = bounded(1e-3, gt=0, le=100)
+    lr: float = bounded(1e-3, gt=0, le=1000)
     weight_decay: float = bounded(0.01, ge=0, le=10)
     no_decay_norm_bias: bool = False  # exclude norm weights and biases from weight decay (SRe2L)
     momentum: float = bounded(0.9, ge=0, lt=1)  # sgd only
