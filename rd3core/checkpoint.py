@@ -71,6 +71,15 @@ def decode(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def saved_at(path) -> str | None:
+    """Where the checkpoint file at ``path`` was taken ("epoch 3"), without
+    reading its tensors (memory-mapped); None when it cannot be read."""
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["at"])
+    except Exception:  # noqa: BLE001 - a listing shows what it can
+        return None
+
+
 class Checkpoint:
     """The hook a loop saves to and resumes from; see the module docstring.
     ``interval_s`` 0 or None: never due (nothing is ever written)."""
