@@ -1,0 +1,79 @@
+"""In-job checkpoints with real Ray workers and real signals: the worker of the
+teacher's training, then the worker of the post-evaluation, is SIGKILLed
+after the job's first checkpoint; each retry resumes from the checkpoint (the
+log names the epoch), and the teacher artifact and the cell's result equal
+those of a run that was never interrupted, bit for bit."""
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from procs import descendants, finish, job_worker, kill_all, rows, start_cli, wait_for
+from rd3core.artifacts import ArtifactStore
+
+STUDY = """\
+name: resumable
+dataset: {{name: digits}}
+teachers:
+  - arch: convnet3-w16-bn
+    epochs: 40
+    augment: {{crop: pad, padding: 2, flip: true, mix: none}}
+methods:
+  - {{name: random_real, ipc: 5}}
+protocol:
+  preset: rd3
+  overrides: {{student: convnet3-w16, epochs: 300, augment: {{flip: true}}, labels: {{mode: epochwise}}}}
+seeds: [0]
+resources:
+  max_cpus: 1  # one thread for every job in both runs (the teacher is widened to the node's CPUs)
+  checkpoint_every: {every}
+"""
+
+
+def results(db):
+    """The cell's metrics that the computation determines (not its timings)."""
+    return {name: value for name, value in rows(db, "SELECT name, value FROM metric")
+            if not name.startswith(("time_", "synth_wall")) and not name.endswith("_hours")}
+
+
+def checkpoint(out, stage):
+    return next((out / "artifacts" / ".checkpoints" / stage).glob("*.pt"), None)
+
+
+@pytest.mark.slow
+def test_killed_jobs_resume_from_their_checkpoints_bit_identical(tiny_study, tmp_path):
+    plain_out, out = tmp_path / "plain", tmp_path / "out"
+    plain = tiny_study("plain", STUDY.format(every="off"))
+    code, stdout, stderr = finish(start_cli("run", str(plain), "--out", str(plain_out), "--executor", "local"))
+    assert code == 0, stdout + stderr
+    assert not (plain_out / "artifacts" / ".checkpoints").exists()  # off: nothing written
+
+    study = tiny_study("resumable", STUDY.format(every=0.5))
+    started = []
+    try:
+        driver = start_cli("run", str(study), "--out", str(out), "--num-cpus", "1", "--max-retries", "1")
+        for stage in ("teacher", "posteval"):
+            wait_for(lambda: checkpoint(out, stage), 240, f"the {stage} job's first checkpoint", driver)
+            victim = job_worker(driver, stage)
+            assert victim is not None, f"the {stage} job ended before it could be killed"
+            started += descendants(driver.pid)
+            os.kill(victim, signal.SIGKILL)
+        code, stdout, stderr = finish(driver)
+    finally:
+        kill_all(started)
+    assert code == 0, stdout + stderr
+    assert stdout.count("WorkerCrashedError") == 2 and "transient: retrying (run 2 of at most 2)" in stdout
+    for stage in ("teacher", "posteval"):
+        match = re.search(rf"resumed {stage} \w{{10}} from epoch (\d+)", stdout)
+        assert match and int(match.group(1)) >= 1, stdout
+    assert not list((out / "artifacts" / ".checkpoints").glob("*/*"))  # removed once published
+
+    stores = [ArtifactStore(o / "artifacts") for o in (plain_out, out)]
+    [ours], [theirs] = ([i for i in s.entries(verify=True) if i.stage == "teacher"] for s in stores)
+    assert ours.key == theirs.key
+    a, b = (s.load("teacher", ours.key)["state_dict"] for s in stores)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = results(plain_out / "rd3.sqlite")
+    assert "top1" in expected and results(out / "rd3.sqlite") == expected
