@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.study.resources import DEFAULT_CHECKPOINT_EVERY as DEFAULT_INTERVAL_S  # noqa: E402
 from rd3core.artifacts import ArtifactStore  # noqa: E402
 from rd3core.checkpoint import Checkpoint  # noqa: E402
 from rd3core.config import build, merge, to_dict  # noqa: E402
@@ -52,8 +53,6 @@ from rd3core.data import load_dataset  # noqa: E402
 from rd3core.pipeline import TeacherSpec, posteval, train_teacher  # noqa: E402
 from rd3core.protocol import Protocol, resolve_protocol  # noqa: E402
 from rd3core.synth import METHODS, synthesize  # noqa: E402
-
-DEFAULT_INTERVAL_S = 300.0  # orchestrator.study.resources.DEFAULT_CHECKPOINT_EVERY (rd3core may not import it)
 
 
 def due_check_seconds(calls: int = 1_000_000) -> float:
