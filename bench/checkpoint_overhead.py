@@ -15,7 +15,7 @@ save in place:
   of interleaved runs (off, default, forced, off, ...: the CPU's speed drifts).
 - ``due_check_s``: one ``due()`` call, timed over 10^6 calls.
 - ``forced_interval_s``: the job with a short interval, so that it saves
-  several times (default: an eighth of the warm-up run's time). ``save_seconds``: the mean time of one save inside those runs
+  several times (default: an eighth of the first timed run with checkpoints off). ``save_seconds``: the mean time of one save inside those runs
   (serialise the state, write, fsync, rename), ``checkpoint_bytes`` its size;
   ``forced_overhead_share``: the time inside the saves over the forced job's
   time (measured in place, immune to drift); ``forced_ab_share``: (forced - off)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small student, one round (smoke test)")
     parser.add_argument("--epochs", type=int, help="post-evaluation epochs (default 30; 8 with --quick)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of off/default/forced (default 3; 1 quick)")
-    parser.add_argument("--forced-interval", type=float, help="seconds (default: an eighth of a job's time)")
+    parser.add_argument("--forced-interval", type=float, help="seconds (default: an eighth of the first timed run)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     epochs = args.epochs or (8 if args.quick else 30)
@@ -84,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     def job(hook):
         return posteval(distilled, data, protocol, {"convnet3-w32-bn": teacher}, seed=0, checkpoint=hook)
 
-    t0 = time.perf_counter()
-    job(None)  # warm-up (allocator, caches), not counted
-    forced = args.forced_interval or round((time.perf_counter() - t0) / 8, 3)
     print(f"post-evaluation: digits, {student}, {epochs} epochs, {len(distilled.labels)} images, "
-          f"{args.threads} threads; forced interval {forced} s; {rounds} round(s)", flush=True)
+          f"{args.threads} threads; {rounds} round(s)", flush=True)
+    job(None)  # warm-up (allocator, caches), not counted
+    forced = args.forced_interval
     modes = ["off", "default", "forced"]
     times: dict[str, list[float]] = {m: [] for m in modes}
     saves = save_s = forced_total = 0.0
@@ -97,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         store = ArtifactStore(tmp)
         for r in range(rounds):
             for mode in modes[r % 3:] + modes[:r % 3]:  # each mode takes each place in turn
+                if mode == "forced" and forced is None:  # the first round runs "off" first
+                    forced = round(times["off"][0] / 8, 3)
+                    print(f"forced interval: {forced} s", flush=True)
                 slot = store.checkpoint("posteval", f"bench-{mode}-{r}")
                 hook = None if mode == "off" else Checkpoint(slot, DEFAULT_INTERVAL_S if mode == "default" else forced)
                 t0 = time.perf_counter()
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     save_seconds = save_s / saves if saves else float("nan")
     overhead = save_seconds / DEFAULT_INTERVAL_S + (epochs / off) * due_s
     print(f"medians: off {off:.2f} s, default {default:.2f} s ({100 * (default / off - 1):+.1f}%, never due: drift), "
-          f"forced every {forced} s {forced_s:.2f} s ({100 * save_s / forced_total:.1f}% of it saving); one save {save_seconds:.3f} s ({size / 1e6:.1f} MB); "
-          f"one due() {1e9 * due_s:.0f} ns", flush=True)
+          f"forced every {forced} s {forced_s:.2f} s ({100 * save_s / forced_total:.1f}% of it saving); "
+          f"one save {save_seconds:.3f} s ({size / 1e6:.1f} MB); one due() {1e9 * due_s:.0f} ns", flush=True)
     print(json.dumps({"overhead_share": overhead, "save_seconds": save_seconds, "interval_s": DEFAULT_INTERVAL_S,
                       "due_check_s": due_s, "checkpoint_bytes": size, "off_s": off, "default_s": default,
                       "forced_interval_s": forced, "forced_s": forced_s, "forced_overhead_share": save_s / forced_total,

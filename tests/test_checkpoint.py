@@ -169,3 +169,41 @@ def test_the_store_file_is_replaced_atomically_and_removed(tmp_path):
     state = Checkpoint(slot, None).load()
     assert state["epoch"] == 2 and torch.equal(state["w"], torch.arange(4))
     assert slot.remove() and list(store.checkpoints()) == [] and not slot.remove()
+
+
+def test_a_job_resumes_its_stage_from_the_store_and_removes_the_checkpoint(tmp_path, monkeypatch):
+    """orchestrator.execution.jobs.run_node: the teacher job dies right after its
+    second checkpoint; the rerun reports where it resumed, publishes the same
+    artifact as a job never stopped, and leaves no checkpoint behind."""
+    from conftest import TINY_STUDY
+    from orchestrator.execution import jobs
+    from orchestrator.execution.plan import build_plan
+    from orchestrator.study.expand import expand
+    from orchestrator.study.spec import load_study
+    from rd3core.artifacts import CheckpointFile
+
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY_STUDY.format(name="s").replace("epochs: 6", "epochs: 4"))
+    [node] = [n for n in build_plan(expand(load_study(path)), ArtifactStore(tmp_path / "none")).nodes.values()
+              if n.stage == "teacher"]
+    plain, resumed = ArtifactStore(tmp_path / "plain"), ArtifactStore(tmp_path / "resumed")
+    assert jobs.run_node("teacher", node.key, node.payload, str(plain.root), 1)["resumed"] == []
+
+    write = CheckpointFile.write
+    writes = []
+
+    def write_then_die_at_the_second(self, data):
+        write(self, data)
+        writes.append(self.path)
+        if len(writes) == 2:
+            raise Killed
+
+    monkeypatch.setattr(CheckpointFile, "write", write_then_die_at_the_second)
+    with pytest.raises(Killed):
+        jobs.run_node("teacher", node.key, node.payload, str(resumed.root), 1, checkpoint_every=EVERY_BOUNDARY)
+    assert [(c.stage, c.key) for c in resumed.checkpoints()] == [("teacher", node.key)]
+    monkeypatch.setattr(CheckpointFile, "write", write)
+    out = jobs.run_node("teacher", node.key, node.payload, str(resumed.root), 1, checkpoint_every=EVERY_BOUNDARY)
+    assert out["resumed"] == [{"stage": "teacher", "key": node.key, "at": "epoch 2"}]
+    assert list(resumed.checkpoints()) == []
+    assert_same_tensors(plain.load("teacher", node.key)["state_dict"], resumed.load("teacher", node.key)["state_dict"])
