@@ -15,7 +15,8 @@ save in place:
   of interleaved runs (off, default, forced, off, ...: the CPU's speed drifts).
 - ``due_check_s``: one ``due()`` call, timed over 10^6 calls.
 - ``forced_interval_s``: the job with a short interval, so that it saves
-  several times (default: an eighth of the first timed run with checkpoints off). ``save_seconds``: the mean time of one save inside those runs
+  several times (default: an eighth of the first timed run with checkpoints
+  off). ``save_seconds``: the mean time of one save inside those runs
   (serialise the state, write, fsync, rename), ``checkpoint_bytes`` its size;
   ``forced_overhead_share``: the time inside the saves over the forced job's
   time (measured in place, immune to drift); ``forced_ab_share``: (forced - off)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("digits")
     teacher = train_teacher(data, build(TeacherSpec, {"arch": "convnet3-w32-bn", "epochs": 2})).model.eval()
     distilled = synthesize("random_real", data, None, build(METHODS.get("random_real").params, {"ipc": 10}), seed=0)
-    protocol = build(Protocol, merge(to_dict(resolve_protocol("rd3", "digits")), {"student": student, "epochs": epochs}))
+    preset = to_dict(resolve_protocol("rd3", "digits"))
+    protocol = build(Protocol, merge(preset, {"student": student, "epochs": epochs}))
 
     def job(hook):
         return posteval(distilled, data, protocol, {"convnet3-w32-bn": teacher}, seed=0, checkpoint=hook)

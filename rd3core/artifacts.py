@@ -118,7 +118,7 @@ class CheckpointFile:
         except FileNotFoundError:
             return None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         # Atomic and durable: a crash at any point leaves the previous checkpoint
         # or the new one (plus, at worst, a temporary file that gc removes).
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ round differently with another thread count, so a checkpoint made under another
 count (or another torch) is ignored and the loop starts afresh.
 
 Where the bytes live is the caller's business: any object with ``read() ->
-bytes | None`` and ``write(data: bytes)``, where a write is atomic (a reader sees
+bytes | None`` and ``write(data)`` (``data`` bytes-like), where a write is atomic (a reader sees
 the previous checkpoint or the new one, never a torn file).
 :meth:`rd3core.artifacts.ArtifactStore.checkpoint` gives one in the artifact store.
 """
@@ -39,7 +39,7 @@ FORMAT = 1
 class CheckpointStore(Protocol):
     def read(self) -> bytes | None: ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
 
 def _guard() -> dict[str, Any]:
@@ -101,7 +101,7 @@ class Checkpoint:
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "at": at, "guard": _guard(), "random": random_states(), "state": state},
                    buffer)
-        self.store.write(buffer.getvalue())
+        self.store.write(buffer.getbuffer())  # a view, not a copy: checkpoints can be large
         self.saves += 1
         self.save_s += time.perf_counter() - t0
         self.last = time.monotonic()

@@ -31,8 +31,8 @@ class MemoryStore:
     def read(self) -> bytes | None:
         return self.data
 
-    def write(self, data: bytes) -> None:
-        self.data = data
+    def write(self, data) -> None:
+        self.data = bytes(data)
         self.writes += 1
         if self.writes == self.kill_after:
             raise Killed
