@@ -12,6 +12,12 @@ aside (``.corrupt-*``) and reported as missing, so the caller rebuilds it.
 Folders whose names start with a dot are never artifacts: ``.tmp-*`` is a
 publish in progress (or one that crashed), ``.corrupt-*`` a quarantined
 artifact, ``.trash-*`` one being deleted. ``leftovers()`` lists them for gc.
+
+Checkpoints of jobs still at work (rd3core.checkpoint) live beside the
+artifacts, one file per stage key: ``root/.checkpoints/<stage>/<key>.pt``, each
+save a new temporary file, fsynced and renamed over the previous one. They are
+not artifacts (nothing verifies or shares them); the job removes its checkpoint
+once the artifact is published, and ``checkpoints()`` lists them for gc.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from .config import stable_hash
 PAYLOAD = "payload.pt"
 MANIFEST = "manifest.json"
 LEFTOVER_PREFIXES = (".tmp-", ".corrupt-", ".trash-")
+CHECKPOINTS = ".checkpoints"
+CHECKPOINT_SUFFIX = ".pt"
 
 
 def stage_key(stage: str, version: int, params: Any, upstream: dict[str, str] | None = None) -> str:
@@ -94,6 +102,55 @@ class Leftover:
     stage: str
     path: Path
     kind: str  # 'tmp' | 'corrupt' | 'trash'
+    bytes: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One stage key's checkpoint: the store a :class:`rd3core.checkpoint.Checkpoint` writes to."""
+
+    path: Path
+
+    def read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes | memoryview) -> None:
+        # Atomic and durable: a crash at any point leaves the previous checkpoint
+        # or the new one (plus, at worst, a temporary file that gc removes).
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{self.path.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
+
+    def remove(self) -> bool:
+        try:
+            self.path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    stage: str
+    key: str
+    path: Path
     bytes: int
     mtime: float
 
@@ -193,6 +250,20 @@ class ArtifactStore:
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def checkpoint(self, stage: str, key: str) -> CheckpointFile:
+        return CheckpointFile(self.root / CHECKPOINTS / stage / f"{key}{CHECKPOINT_SUFFIX}")
+
+    def checkpoints(self) -> Iterator[CheckpointInfo]:
+        area = self.root / CHECKPOINTS
+        for folder in sorted(area.iterdir()) if area.is_dir() else []:
+            for path in sorted(folder.glob(f"[!.]*{CHECKPOINT_SUFFIX}")):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                yield CheckpointInfo(folder.name, path.name[:-len(CHECKPOINT_SUFFIX)], path, stat.st_size,
+                                     stat.st_mtime)
+
     def _quarantine(self, folder: Path, judged: dict | None) -> None:
         if self.readonly:
             return
@@ -225,8 +296,17 @@ class ArtifactStore:
                     yield info
 
     def leftovers(self) -> Iterator[Leftover]:
+        """Leftover folders of artifacts, and temporary files of checkpoint saves."""
         for stage in self.stages():
             for folder in sorted((self.root / stage).iterdir()):
                 for prefix in LEFTOVER_PREFIXES:
                     if folder.name.startswith(prefix):
                         yield Leftover(stage, folder, prefix.strip(".-"), folder_bytes(folder), folder_mtime(folder))
+        area = self.root / CHECKPOINTS
+        for folder in sorted(area.iterdir()) if area.is_dir() else []:
+            for path in sorted(folder.glob(".tmp-*")):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield Leftover(folder.name, path, "tmp", stat.st_size, stat.st_mtime)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import augment as aug
+from .checkpoint import Checkpoint
 from .data import DatasetInfo, Split, as_float
 from .losses import distill_loss
 from .protocol import OptimSpec, Protocol
@@ -213,7 +214,7 @@ class _Batches:
 
 def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, labeler, *, batch_size: int,
           seed: int, runtime: Runtime = Runtime(), test: Split | None = None, heldout: Split | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train ``model`` on ``data`` under ``protocol`` with targets from ``labeler``.
 
     ``data`` is a tensor :class:`Split` (moved to the device) or a streamed
@@ -224,6 +225,12 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
     Returns the final-epoch test top-1 as ``metrics["top1"]`` (THE result), plus
     clearly named extras: ``top1_best_on_test`` (selected on the test set) and
     ``top1_heldout_selected`` (epoch chosen on held-out real training data).
+
+    With ``checkpoint`` (rd3core.checkpoint) the state is saved at the end of an
+    epoch whenever it is due, and a saved state is resumed from at the start.
+    The learning-rate schedule is a function of the epoch and step, so the
+    epoch is all of the scheduler's state; views are redrawn from ``seed`` and
+    the block.
     """
     device = runtime.device
     if device.startswith("cuda"):
@@ -255,6 +262,16 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
     t_train = t_eval = 0.0
     seen = 0
     views: Views | None = None
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        start, history, seen = saved["epoch"], saved["history"], saved["seen"]
+        t_train, t_eval = saved["train_s"], saved["eval_s"]
+        clock.totals.update(saved["phases"])
 
     def run_eval() -> dict:
         nonlocal t_eval
@@ -269,7 +286,7 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
         t_eval += time.perf_counter() - t0
         return row
 
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         # Views are re-drawn every `refresh` epochs and replayed in between.
         block = epoch // refresh
@@ -325,6 +342,11 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if checkpoint is not None and not last and checkpoint.due():
+            checkpoint.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "ema": ema.state_dict() if ema is not None else None, "history": history,
+                             "seen": seen, "train_s": t_train, "eval_s": t_eval, "phases": dict(clock.totals)},
+                            f"epoch {epoch + 1}")
     batches.close()
     return TrainResult(ema if ema is not None else model, _metrics(history, protocol, heldout is not None),
                        history, _timing(clock, t_train, t_eval, seen, runtime))

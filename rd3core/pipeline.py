@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .data import Dataset, Split, as_float
 from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
 from .loop import Runtime, TrainResult, train
@@ -33,14 +34,16 @@ def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
     return create_model(arch, dataset.info.num_classes, dataset.info.channels, dataset.info.size)
 
 
-def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime()) -> TrainResult:
+def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime(),
+                  checkpoint: Checkpoint | None = None) -> TrainResult:
     """Pretrain through the same kernel as post-evaluation; records test top-1.
-    (A teacher with weights made elsewhere is loaded instead: ``load_pretrained``.)"""
+    (A teacher with weights made elsewhere is loaded instead: ``load_pretrained``.)
+    ``checkpoint``: saved to and resumed from (rd3core.checkpoint)."""
     if spec.loaded:
         raise ValueError(f"teacher {spec.arch!r} has {spec.source} weights: load it with load_pretrained")
     model = build_model(spec.arch, dataset, spec.seed)
     return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
-                 seed=spec.seed, runtime=runtime, test=dataset.test)
+                 seed=spec.seed, runtime=runtime, test=dataset.test, checkpoint=checkpoint)
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
@@ -99,7 +102,8 @@ def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset
 
 def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
              seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
-             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
+             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None,
+             checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
     (by phase) and the size of the soft labels a user must store to rerun it
@@ -113,7 +117,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     A dataset with a held-out split (:func:`rd3core.data.carve_heldout`) is
     evaluated on it too, at every evaluated epoch (``eval.interval`` must be set),
     and ``top1_heldout_selected`` records the test accuracy at the epoch chosen
-    on it.
+    on it. The student's training saves to and resumes from ``checkpoint``
+    (rd3core.checkpoint), when given.
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
@@ -146,7 +151,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
-                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch)
+                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch,
+                   checkpoint=checkpoint)
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
     return {"metrics": dict(result.metrics), "epochs": result.epochs, "timing": timing, "labels": labels_info,
             "resolved": {"batch_size": batch_size, "teachers": names, **heldout_info}}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.execution import jobs
 from orchestrator.cli import main
@@ -158,3 +159,38 @@ def test_cache_list_and_gc(first_run, capsys, tmp_path):
     by_name = run(capsys, "cache", "gc", "other", "--out", str(out), "--db", f"sqlite:///{tmp_path / 'other.sqlite'}",
                   "--dry-run")
     assert "would remove 0 item(s)" in by_name
+
+
+def test_checkpoints_are_listed_and_orphans_pruned(first_run, capsys, tmp_path):
+    from rd3core.checkpoint import Checkpoint
+    from orchestrator.study.expand import expand
+    from orchestrator.study.spec import load_study
+
+    study, out = first_run
+    store = ArtifactStore(out / "artifacts")
+    other = write(tmp_path, "other", [RANDOM])
+    [cell] = expand(load_study(other))
+    teacher = next(i.key for i in store.entries() if i.stage == "teacher")
+    # One checkpoint of a published teacher (its job died before removing it), one of
+    # an unfinished synthesis no study here needs, one of other's post-evaluation.
+    for stage, key, at in [("teacher", teacher, "epoch 1"), ("synth", "0" * 24, "batch 1 iteration 7"),
+                           ("posteval", cell.key, "epoch 2")]:
+        Checkpoint(store.checkpoint(stage, key), 1.0).save({"w": torch.zeros(3)}, at)
+    crashed = store.checkpoint("teacher", teacher).path.with_name(f".tmp-{teacher}.pt-dead")
+    crashed.write_bytes(b"x" * 5)
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+
+    listing = run(capsys, "cache", "list", "--out", str(out))
+    assert re.search(rf"^checkpoint teacher +{teacher} .* at epoch 1$", listing, re.M)
+    assert re.search(r"^checkpoint synth +0{24} .* at batch 1 iteration 7$", listing, re.M)
+    assert "3 checkpoints" in listing and f"leftover tmp      {crashed}" in listing
+
+    plain = run(capsys, "cache", "gc", "--out", str(out))
+    assert f"removed checkpoint teacher {teacher}" in plain and "its artifact is published" in plain
+    assert not crashed.exists()
+    assert {(c.stage, c.key) for c in store.checkpoints()} == {("synth", "0" * 24), ("posteval", cell.key)}
+
+    named = run(capsys, "cache", "gc", str(other), "--out", str(out))
+    assert "removed checkpoint synth" in named and "no study named needs it" in named
+    assert [(c.stage, c.key) for c in store.checkpoints()] == [("posteval", cell.key)]
+    store.checkpoint("posteval", cell.key).remove()

@@ -3,13 +3,15 @@
 - ``run STUDY --dry-run``: what a run would do (per stage: runs needed and
   cached; cells) and what it would cost, from the recorded history of finished
   cells; reads the DB and the store, writes nothing.
-- ``cache list``: every artifact (stage, key, size, age, what made it) and any
-  leftovers.
+- ``cache list``: every artifact (stage, key, size, age, what made it), every
+  checkpoint of a job (stage, key, size, age, where it was taken) and any leftovers.
 - ``cache gc [STUDY ...]``: always removes leftovers (quarantined corrupt
-  artifacts, deletions and publishes that crashed: temporary folders idle for
-  longer than a grace period, so a publish in flight is never touched); with
-  studies named, also removes every artifact none of them needs (all their
-  cells, finished or not). ``--dry-run`` only reports.
+  artifacts, deletions and publishes that crashed: temporary folders and
+  checkpoint files idle for longer than a grace period, so a publish or a
+  checkpoint save in flight is never touched) and checkpoints whose stage's
+  artifact is published (the job died between publishing and removing it);
+  with studies named, also removes every artifact and checkpoint none of them
+  needs (all their cells, finished or not). ``--dry-run`` only reports.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.queries import find_study, finished_cells
 from db.session import DatabaseError, make_engine
 from rd3core.artifacts import ArtifactInfo, ArtifactStore
+from rd3core.checkpoint import saved_at
 
 from .driver import RunOptions, check_capacity, db_url, pending_cells
 from ..study.expand import Cell, expand
@@ -242,6 +245,13 @@ def list_cache(out: Path) -> int:
             by_stage[info.stage].append(info)
         summary = ", ".join(f"{s} {len(v)} ({human_bytes(sum(i.bytes for i in v))})" for s, v in by_stage.items())
         print(f"{len(entries)} artifacts: {summary}")
+    checkpoints = list(store.checkpoints())
+    for ckpt in checkpoints:
+        print(f"checkpoint {ckpt.stage:8s} {ckpt.key:24s} {human_bytes(ckpt.bytes):>9s} "
+              f"{human_age(now - ckpt.mtime):>5s}  at {saved_at(ckpt.path) or '(unreadable)'}")
+    if checkpoints:
+        print(f"{len(checkpoints)} checkpoints ({human_bytes(sum(c.bytes for c in checkpoints))}) of jobs that "
+              "have not finished: a rerun resumes from them")
     leftovers = list(store.leftovers())
     for left in leftovers:
         print(f"leftover {left.kind:8s} {left.path}  {human_bytes(left.bytes)}, idle {human_age(now - left.mtime)}")
@@ -275,9 +285,12 @@ def gc_cache(out: Path, studies: list[str], url: str, dry_run: bool = False, tmp
     # study that fails to load stops gc with nothing removed.
     store = ArtifactStore(out / "artifacts", readonly=dry_run)
     keep: set[tuple[str, str]] = set()
+    nodes: set[tuple[str, str]] = set()  # every job of the named studies, post-evaluations too
     for ref in studies:
         study = resolve_study(ref, url)
-        keep |= build_plan(expand(study), ArtifactStore(store.root, readonly=True)).artifacts()
+        plan = build_plan(expand(study), ArtifactStore(store.root, readonly=True))
+        keep |= plan.artifacts()
+        nodes |= {(n.stage, n.key) for n in plan.nodes.values()}
     verb = "would remove" if dry_run else "removed"
     now = time.time()
     removed = freed = 0
@@ -289,6 +302,17 @@ def gc_cache(out: Path, studies: list[str], url: str, dry_run: bool = False, tmp
             _rmtree(left.path)
         print(f"{verb} leftover {left.kind} {left.path} ({human_bytes(left.bytes)})")
         removed, freed = removed + 1, freed + left.bytes
+    for ckpt in list(store.checkpoints()):
+        if store.exists(ckpt.stage, ckpt.key):
+            why = "its artifact is published"
+        elif studies and (ckpt.stage, ckpt.key) not in nodes:
+            why = "no study named needs it"
+        else:
+            continue
+        if not dry_run:
+            store.checkpoint(ckpt.stage, ckpt.key).remove()
+        print(f"{verb} checkpoint {ckpt.stage} {ckpt.key} ({human_bytes(ckpt.bytes)}): {why}")
+        removed, freed = removed + 1, freed + ckpt.bytes
     kept = 0
     for info in list(store.entries()):
         if not studies or (info.stage, info.key) in keep:
@@ -306,4 +330,7 @@ def gc_cache(out: Path, studies: list[str], url: str, dry_run: bool = False, tmp
 def _rmtree(path: Path) -> None:
     import shutil
 
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:  # a checkpoint save's temporary file
+        path.unlink(missing_ok=True)

@@ -218,6 +218,8 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
             if entry["key"] != node.key:  # an upstream artifact was missing or corrupt
                 print(f"    {entry['stage']} {entry['key'][:10]} rebuilt (missing or corrupt in the store)",
                       flush=True)
+        for entry in (outcome.result or {}).get("resumed", []):
+            print(f"    resumed {entry['stage']} {entry['key'][:10]} from {entry['at']}", flush=True)
         if outcome.retrying:
             progress.note(f"    {node.stage} {node.key[:10]} failed ({outcome.failure.type}: "
                           f"{_first_line(outcome.failure.message)}); transient: retrying "

@@ -7,6 +7,13 @@ node's payload into the artifact's state. :func:`ensure` loads an artifact
 through the store's hash check and, when it is missing, truncated or corrupt,
 rebuilds it with its producer (recursively for its own upstream refs) instead of
 failing; every build is reported back in ``result["built"]``.
+
+Checkpoints: a job with ``checkpoint_every`` seconds gives each stage it builds
+(and its post-evaluation) a :class:`rd3core.checkpoint.Checkpoint` in the
+artifact store's checkpoint area under the stage key, so a retried, preempted
+or rerun job resumes from the newest one (``result["resumed"]`` says where);
+the checkpoint is removed once the stage's artifact is published (for a
+post-evaluation: once its result is in hand).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from rd3core.artifacts import MANIFEST, ArtifactStore
+from rd3core.checkpoint import Checkpoint
 from rd3core.config import build
 from rd3core.data import HELDOUT_SEED, Dataset, carve_heldout, load_dataset
 from rd3core.loop import Runtime
@@ -61,9 +69,30 @@ class Context:
     store: ArtifactStore
     runtime: Runtime
     built: list[dict] = field(default_factory=list)  # every stage this job (re)built
+    checkpoint_every: float | None = None  # seconds between checkpoints of a long loop; None or 0: none
+    resumed: list[dict] = field(default_factory=list)  # every stage this job resumed from a checkpoint
+
+    def checkpoint(self, stage: str, key: str) -> Checkpoint | None:
+        """The hook the stage's long loop saves to and resumes from (None: checkpoints off)."""
+        if not self.checkpoint_every:
+            return None
+        return Checkpoint(self.store.checkpoint(stage, key), self.checkpoint_every)
+
+    def finished(self, stage: str, key: str, checkpoint: Checkpoint | None) -> dict:
+        """The stage's output is safe: its checkpoint has served (one left by an
+        earlier run with checkpoints on, too). Returns what the checkpoint did."""
+        self.store.checkpoint(stage, key).remove()
+        if checkpoint is None:
+            return {}
+        if checkpoint.resumed_at is not None:
+            self.resumed.append({"stage": stage, "key": key, "at": checkpoint.resumed_at})
+        elif checkpoint.ignored is not None:
+            print(f"checkpoint of {stage} {key} not resumed from: {checkpoint.ignored}", file=sys.stderr)
+        return {"checkpoint_saves": checkpoint.saves, "checkpoint_s": checkpoint.save_s}
 
 
-Producer = Callable[[Context, dict], tuple[Any, dict]]  # payload -> (state to store, manifest meta)
+# payload, checkpoint hook (None: none) -> (state to store, manifest meta)
+Producer = Callable[[Context, dict, Checkpoint | None], tuple[Any, dict]]
 PRODUCERS: dict[str, Producer] = {}
 
 
@@ -86,11 +115,14 @@ def ensure(ctx: Context, ref: dict, load: bool = True) -> Any:
     elif ctx.store.info(stage, key, verify=True) is not None:
         return None
     t0 = time.perf_counter()
+    checkpoint = ctx.checkpoint(stage, key)
     with _threads(recorded):
-        state, meta = PRODUCERS[stage](ctx, ref["payload"])
+        state, meta = PRODUCERS[stage](ctx, ref["payload"], checkpoint)
         threads = torch.get_num_threads()
     ctx.store.save(stage, key, state, {**meta, "threads": threads, "params": _summary(ref["payload"])})
-    ctx.built.append({"stage": stage, "key": key, "wall_s": time.perf_counter() - t0, "meta": _numeric(meta)})
+    saves = ctx.finished(stage, key, checkpoint)
+    ctx.built.append({"stage": stage, "key": key, "wall_s": time.perf_counter() - t0,
+                      "meta": {**_numeric(meta), **saves}})
     return state
 
 
@@ -154,7 +186,7 @@ def load_teacher(ctx: Context, ref: dict) -> torch.nn.Module:
 
 
 @producer("teacher")
-def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
+def make_teacher(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> tuple[Any, dict]:
     """Train the teacher, or load its weights made elsewhere (nothing trained;
     the test top-1 measured once). The stored state is the network's own."""
     dataset = _get_dataset(payload["dataset"])
@@ -163,7 +195,7 @@ def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
     if spec.loaded:
         result, source = load_pretrained(dataset, spec, ctx.runtime, payload["source"].get("sha256"))
     else:
-        result = train_teacher(dataset, spec, ctx.runtime)
+        result = train_teacher(dataset, spec, ctx.runtime, checkpoint)
     network = network_of(result.model)
     state = {"state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}
     meta = {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
@@ -171,17 +203,19 @@ def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
 
 
 @producer("synth")
-def make_synth(ctx: Context, payload: dict) -> tuple[Any, dict]:
+def make_synth(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> tuple[Any, dict]:
     dataset = _get_dataset(payload["dataset"])
     method = METHODS.get(payload["method"]["name"])
     params = build(method.params, {k: v for k, v in payload["method"].items() if k != "name"})
     teacher = load_teacher(ctx, payload["teacher"]) if payload.get("teacher") else None
-    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime)
+    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime, checkpoint)
     return distilled.state(), distilled.meta
 
 
 @producer("labels")
-def make_labels(ctx: Context, payload: dict) -> tuple[Any, dict]:
+def make_labels(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> tuple[Any, dict]:
+    # Not checkpointed: the precompute is one teacher pass per epoch of views,
+    # short beside the post-evaluation that replays it.
     dataset = _get_dataset(payload["dataset"])
     distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
     teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
@@ -221,12 +255,13 @@ def environment() -> dict[str, Any]:
 
 
 def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
-             runtime: Runtime | None = None) -> dict[str, Any]:
+             runtime: Runtime | None = None, checkpoint_every: float | None = None) -> dict[str, Any]:
     """Execute one node; returns plain data for the driver. ``built`` lists every
-    stage actually computed (empty when the artifact was already in the store)."""
+    stage actually computed (empty when the artifact was already in the store),
+    ``resumed`` every stage resumed from a checkpoint."""
     torch.set_num_threads(max(1, int(threads)))  # same thread count in every executor: same numbers
     runtime = runtime or Runtime.auto()
-    ctx = Context(ArtifactStore(store_root), runtime)
+    ctx = Context(ArtifactStore(store_root), runtime, checkpoint_every=checkpoint_every)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__,
                            "started_at": datetime.now(timezone.utc).isoformat()}
@@ -238,13 +273,16 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         protocol = build(Protocol, payload["protocol"])
         teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
         stored = StoredLabels.from_state(ensure(ctx, payload["labels"])) if payload.get("labels") else None
+        checkpoint = ctx.checkpoint(stage, key)
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
-                          stored=stored)
+                          stored=stored, checkpoint=checkpoint)
+        out["checkpoint"] = ctx.finished(stage, key, checkpoint)
         out.update(result)
         out["synth_meta"] = distilled.meta
         out["dataset"] = dataset.record
     else:
         raise ValueError(f"unknown stage {stage!r}")
     out["built"] = ctx.built
+    out["resumed"] = ctx.resumed
     out["wall_s"] = time.perf_counter() - t0
     return out

@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import failures, localray
@@ -69,7 +69,8 @@ def outcome_of(node: Node, data: dict[str, Any]) -> Outcome:
 
 
 def _job_args(node: Node, store_root: str, resources: Resources) -> tuple:
-    return node.stage, node.key, node.payload, store_root, resources.threads, resources.memory, resources.gpus
+    return (node.stage, node.key, node.payload, store_root, resources.threads, resources.memory, resources.gpus,
+            resources.checkpoint_every)
 
 
 class LocalExecutor:
@@ -309,7 +310,7 @@ def widen(asked: Resources, node: dict[str, float]) -> Resources:
     gpus = asked.gpus
     if 0 < gpus < 1 and node.get("GPU", 0.0) >= 1:
         gpus = 1.0
-    return Resources(cpus=cpus, gpus=gpus, memory=asked.memory)
+    return replace(asked, cpus=cpus, gpus=gpus)
 
 
 def critical(plan: Plan) -> set[str]:

@@ -257,8 +257,10 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
-            gpus: float = 0.0, board: Board | FileBoard | None = None, token: str = "", period: float = 5.0) -> dict[str, Any]:
-    """Run one plan node (orchestrator.execution.jobs.run_node) under the wrapping above.
+            gpus: float = 0.0, checkpoint_every: float | None = None, board: Board | FileBoard | None = None,
+            token: str = "", period: float = 5.0) -> dict[str, Any]:
+    """Run one plan node (orchestrator.execution.jobs.run_node) under the wrapping above,
+    checkpointing every ``checkpoint_every`` seconds (None or 0: never).
     Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
     with ``job`` = when (epoch seconds) and in which process it ran."""
     t0, started = time.perf_counter(), time.time()
@@ -268,7 +270,7 @@ def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, 
         limit = memory if memory and not gpus else None
         try:
             with memory_limit(limit):
-                out = run_node(stage, key, payload, store_root, threads)
+                out = run_node(stage, key, payload, store_root, threads, checkpoint_every=checkpoint_every)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, classified by failures
             failure = failures.from_exception(exc, traceback.format_exc())
             if limit and _out_of_memory(exc):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..config import to_dict
 from ..data import Dataset, DatasetInfo
 from ..loop import Runtime
@@ -73,6 +74,9 @@ class Method:
     # subset, the whole real set): the analysis shows it beside the methods,
     # outside their spread and ranks. A study entry's `baseline:` overrides it.
     baseline: bool = False
+    # ``run`` takes a ``checkpoint`` keyword (rd3core.checkpoint) and saves to and
+    # resumes from it; the other methods have no long loop worth saving.
+    resumable: bool = False
 
     def problems(self, params: Any, info: DatasetInfo, teacher_arch: str | None) -> list[tuple[str, str]]:
         return list(self.check(params, info, teacher_arch)) if self.check is not None else []
@@ -82,17 +86,19 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False,
-                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False):
+                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False,
+                    resumable: bool = False):
     def deco(fn):
-        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline))
+        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline, resumable))
         return fn
     return deco
 
 
 def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: Any, seed: int,
-               runtime: Runtime = Runtime()) -> DistilledSet:
+               runtime: Runtime = Runtime(), checkpoint: Checkpoint | None = None) -> DistilledSet:
     """Run a registered method and record what RD3 asks to compare besides
-    accuracy: wall time and the size of what was produced."""
+    accuracy: wall time and the size of what was produced. A resumable method
+    saves to and resumes from ``checkpoint``; the others ignore it."""
     method = METHODS.get(name)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {name!r} needs a teacher")
@@ -100,7 +106,8 @@ def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: A
         teacher = runtime.place(teacher)
     _sync(runtime)
     t0 = time.perf_counter()
-    out = method.run(dataset, teacher, params, seed, runtime)
+    resume = {"checkpoint": checkpoint} if method.resumable else {}
+    out = method.run(dataset, teacher, params, seed, runtime, **resume)
     _sync(runtime)  # CUDA work is asynchronous: time what was done, not what was queued
     wall = time.perf_counter() - t0
     out.images, out.labels = out.images.cpu(), out.labels.cpu()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment as aug
+from ..checkpoint import Checkpoint
 from ..config import bounded
 from ..data import Dataset, DatasetInfo, as_float
 from ..seeding import generator
@@ -145,9 +146,13 @@ MinScale = Callable[[float], float]  # fraction of iterations done -> crop minim
 
 
 def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int, runtime,
-            min_scale_at: MinScale | None = None) -> tuple[DistilledSet, dict]:
+            min_scale_at: MinScale | None = None,
+            checkpoint: Checkpoint | None = None) -> tuple[DistilledSet, dict]:
     """Run the recover loop; returns the distilled set and a trace of the first
-    batch (the crop minimum scale and mean crop area of every iteration)."""
+    batch (the crop minimum scale and mean crop area of every iteration).
+    With ``checkpoint`` (rd3core.checkpoint) the batch being optimised, its
+    optimiser and generator and the batches done are saved after an iteration
+    whenever due, and resumed from at the start."""
     info = dataset.info
     device = runtime.device
     setting = resolve(params, info)
@@ -158,14 +163,27 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
     out = torch.empty_like(x0)
     trace: dict[str, list[float]] = {"min_scale": [], "crop_area": []}
     steps = params.iterations
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        out[:saved["done"]] = saved["out"]
+        trace = saved["trace"]
     with frozen(teacher), BNMatching(teacher, params.first_bn_weight) as bn:
         bn_init = _mean_bn_loss(teacher, bn, x0, params.batch_size, device)
         for b, start in enumerate(range(0, len(labels), params.batch_size)):
+            if saved is not None and b < saved["batch"]:
+                continue  # done before the checkpoint: its images are in `out`
             gen = generator(seed, "sre2l", "batch", b)
             x = x0[start:start + params.batch_size].to(device).clone().requires_grad_(True)
             y = labels[start:start + params.batch_size].to(device)
             opt = torch.optim.Adam([x], lr=params.lr, betas=(0.5, 0.9), eps=1e-8)
-            for it in range(steps):
+            first = 0
+            if saved is not None:  # the batch the checkpoint was taken in
+                with torch.no_grad():
+                    x.copy_(saved["x"])
+                opt.load_state_dict(saved["opt"])
+                gen.set_state(saved["gen"])
+                first, saved = saved["iteration"], None
+            for it in range(first, steps):
                 opt.param_groups[0]["lr"] = 0.5 * (1 + math.cos(math.pi * it / steps)) * params.lr
                 view = x
                 if setting.crop or setting.flip:
@@ -188,6 +206,10 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
                 opt.step()
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save({"batch": b, "iteration": it + 1, "x": x.detach().cpu(), "opt": opt.state_dict(),
+                                     "gen": gen.get_state(), "done": start, "out": out[:start].clone(),
+                                     "trace": trace}, f"batch {b + 1} iteration {it + 1}")
             out[start:start + params.batch_size] = x.detach().cpu()
         images = store_images(info.denormalize(out), params.precision)
         bn_final = _mean_bn_loss(teacher, bn, info.normalize(as_float(images)), params.batch_size, device)
@@ -209,6 +231,6 @@ def _mean_bn_loss(teacher: nn.Module, bn: BNMatching, x: torch.Tensor, batch_siz
     return sum(values) / len(values)
 
 
-@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher)
-def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime) -> DistilledSet:
-    return recover(dataset, teacher, params, seed, runtime)[0]
+@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher, resumable=True)
+def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime, checkpoint=None) -> DistilledSet:
+    return recover(dataset, teacher, params, seed, runtime, checkpoint=checkpoint)[0]
