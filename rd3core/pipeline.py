@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import Dataset, Split, as_float
 from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
-from .loop import Runtime, TrainResult, train
+from .loop import ProgressFn, Runtime, TrainResult, train
 from .models import create_model
 from .protocol import LabelSpec, Protocol, batch_size_for
 from .seeding import derive_seed, seed_everything
@@ -33,14 +33,15 @@ def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
     return create_model(arch, dataset.info.num_classes, dataset.info.channels, dataset.info.size)
 
 
-def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime()) -> TrainResult:
+def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime(),
+                  progress: ProgressFn | None = None) -> TrainResult:
     """Pretrain through the same kernel as post-evaluation; records test top-1.
     (A teacher with weights made elsewhere is loaded instead: ``load_pretrained``.)"""
     if spec.loaded:
         raise ValueError(f"teacher {spec.arch!r} has {spec.source} weights: load it with load_pretrained")
     model = build_model(spec.arch, dataset, spec.seed)
     return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
-                 seed=spec.seed, runtime=runtime, test=dataset.test)
+                 seed=spec.seed, runtime=runtime, test=dataset.test, progress=progress)
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
@@ -78,12 +79,13 @@ def resolve_batch_size(protocol: Protocol, distilled: DistilledSet, dataset: Dat
 
 def make_stored_labels(distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
                        teachers: Mapping[str, nn.Module], seed: int, runtime: Runtime = Runtime(),
-                       ipc: int | None = None) -> StoredLabels:
+                       ipc: int | None = None, progress: ProgressFn | None = None) -> StoredLabels:
     """The `labels` stage: precompute what ``posteval`` under ``protocol`` with
     the same seed will replay (labels.mode 'stored')."""
     names = label_teachers(protocol, teachers)
     return precompute(distilled.images, distilled.labels, dataset.info, protocol, {n: teachers[n] for n in names},
-                      batch_size=resolve_batch_size(protocol, distilled, dataset, ipc), seed=seed, runtime=runtime)
+                      batch_size=resolve_batch_size(protocol, distilled, dataset, ipc), seed=seed, runtime=runtime,
+                      progress=progress)
 
 
 def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
@@ -99,7 +101,8 @@ def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset
 
 def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
              seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
-             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
+             stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None,
+             progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
     (by phase) and the size of the soft labels a user must store to rerun it
@@ -113,7 +116,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     A dataset with a held-out split (:func:`rd3core.data.carve_heldout`) is
     evaluated on it too, at every evaluated epoch (``eval.interval`` must be set),
     and ``top1_heldout_selected`` records the test accuracy at the epoch chosen
-    on it.
+    on it. ``progress`` hears of a stored-label precompute done here (batches),
+    then of the training (epochs).
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
@@ -129,7 +133,7 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     t_labels = time.perf_counter()
     if protocol.labels.mode == "stored":
         if stored is None:
-            stored = make_stored_labels(distilled, dataset, protocol, teachers, seed, runtime, ipc)
+            stored = make_stored_labels(distilled, dataset, protocol, teachers, seed, runtime, ipc, progress)
         check_stored(stored, distilled, dataset, protocol, teachers, batch_size, seed)
         labels_info = dict(stored.meta)
         names = list(stored.signature["teachers"])
@@ -146,7 +150,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
-                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch)
+                   heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch,
+                   progress=progress)
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
     return {"metrics": dict(result.metrics), "epochs": result.epochs, "timing": timing, "labels": labels_info,
             "resolved": {"batch_size": batch_size, "teachers": names, **heldout_info}}

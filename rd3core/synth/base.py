@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import to_dict
 from ..data import Dataset, DatasetInfo
-from ..loop import Runtime
+from ..loop import ProgressFn, Runtime
 from ..registry import Registry
 
 
@@ -73,6 +73,9 @@ class Method:
     # subset, the whole real set): the analysis shows it beside the methods,
     # outside their spread and ranks. A study entry's `baseline:` overrides it.
     baseline: bool = False
+    # ``run`` takes a ``progress`` keyword (rd3core.loop.ProgressFn) and reports
+    # its iterations to it: the methods whose runs are long (SRe2L, CDA).
+    reports_progress: bool = False
 
     def problems(self, params: Any, info: DatasetInfo, teacher_arch: str | None) -> list[tuple[str, str]]:
         return list(self.check(params, info, teacher_arch)) if self.check is not None else []
@@ -82,17 +85,20 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False,
-                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False):
+                    key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False,
+                    reports_progress: bool = False):
     def deco(fn):
-        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline))
+        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline,
+                                 reports_progress))
         return fn
     return deco
 
 
 def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: Any, seed: int,
-               runtime: Runtime = Runtime()) -> DistilledSet:
+               runtime: Runtime = Runtime(), progress: ProgressFn | None = None) -> DistilledSet:
     """Run a registered method and record what RD3 asks to compare besides
-    accuracy: wall time and the size of what was produced."""
+    accuracy: wall time and the size of what was produced. ``progress`` hears
+    of the run's iterations where the method reports them."""
     method = METHODS.get(name)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {name!r} needs a teacher")
@@ -100,7 +106,8 @@ def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: A
         teacher = runtime.place(teacher)
     _sync(runtime)
     t0 = time.perf_counter()
-    out = method.run(dataset, teacher, params, seed, runtime)
+    reporting = {"progress": progress} if progress is not None and method.reports_progress else {}
+    out = method.run(dataset, teacher, params, seed, runtime, **reporting)
     _sync(runtime)  # CUDA work is asynchronous: time what was done, not what was queued
     wall = time.perf_counter() - t0
     out.images, out.labels = out.images.cpu(), out.labels.cpu()

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import augment as aug
 from ..data import Dataset, DatasetInfo, as_float
+from ..loop import ProgressFn
 from ..seeding import generator
 from .base import DistilledSet, register_method, store_images
 from .random_real import class_balanced_indices
@@ -157,9 +158,10 @@ MinScale = Callable[[float], float]  # fraction of iterations done -> crop minim
 
 
 def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int, runtime,
-            min_scale_at: MinScale | None = None) -> tuple[DistilledSet, dict]:
+            min_scale_at: MinScale | None = None, progress: ProgressFn | None = None) -> tuple[DistilledSet, dict]:
     """Run the recover loop; returns the distilled set and a trace of the first
-    batch (the crop minimum scale and mean crop area of every iteration)."""
+    batch (the crop minimum scale and mean crop area of every iteration).
+    ``progress`` hears of every iteration of every batch, with its loss."""
     info = dataset.info
     device = runtime.device
     setting = resolve(params, info)
@@ -170,6 +172,9 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
     out = torch.empty_like(x0)
     trace: dict[str, list[float]] = {"min_scale": [], "crop_area": []}
     steps = params.iterations
+    total = math.ceil(len(labels) / params.batch_size) * steps
+    if progress is not None:
+        progress(0, total, "iteration")
     with frozen(teacher), BNMatching(teacher, params.first_bn_weight) as bn:
         bn_init = _mean_bn_loss(teacher, bn, x0, params.batch_size, device)
         for b, start in enumerate(range(0, len(labels), params.batch_size)):
@@ -200,6 +205,8 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
                 opt.step()
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                if progress is not None:  # the loss as a tensor: no host sync unless it is reported
+                    progress(b * steps + it + 1, total, "iteration", loss=loss.detach())
             out[start:start + params.batch_size] = x.detach().cpu()
         images = store_images(info.denormalize(out), params.precision)
         bn_final = _mean_bn_loss(teacher, bn, info.normalize(as_float(images)), params.batch_size, device)
@@ -221,6 +228,6 @@ def _mean_bn_loss(teacher: nn.Module, bn: BNMatching, x: torch.Tensor, batch_siz
     return sum(values) / len(values)
 
 
-@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher)
-def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime) -> DistilledSet:
-    return recover(dataset, teacher, params, seed, runtime)[0]
+@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher, reports_progress=True)
+def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime, progress: ProgressFn | None = None) -> DistilledSet:
+    return recover(dataset, teacher, params, seed, runtime, progress=progress)[0]
