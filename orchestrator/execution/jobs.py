@@ -29,7 +29,7 @@ import torch
 from rd3core.artifacts import MANIFEST, ArtifactStore
 from rd3core.config import build
 from rd3core.data import HELDOUT_SEED, Dataset, carve_heldout, load_dataset
-from rd3core.loop import Runtime
+from rd3core.loop import ProgressFn, Runtime
 from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, posteval, train_teacher
 from rd3core.protocol import Protocol
 from rd3core.stored_labels import StoredLabels
@@ -61,6 +61,11 @@ class Context:
     store: ArtifactStore
     runtime: Runtime
     built: list[dict] = field(default_factory=list)  # every stage this job (re)built
+    report: Callable[[str], ProgressFn] | None = None  # stage -> where its loops report (worker.Reporter)
+
+    def progress(self, stage: str) -> ProgressFn | None:
+        """The progress callback for ``stage``'s loops; None when nobody listens."""
+        return self.report(stage) if self.report is not None else None
 
 
 Producer = Callable[[Context, dict], tuple[Any, dict]]  # payload -> (state to store, manifest meta)
@@ -163,7 +168,7 @@ def make_teacher(ctx: Context, payload: dict) -> tuple[Any, dict]:
     if spec.loaded:
         result, source = load_pretrained(dataset, spec, ctx.runtime, payload["source"].get("sha256"))
     else:
-        result = train_teacher(dataset, spec, ctx.runtime)
+        result = train_teacher(dataset, spec, ctx.runtime, ctx.progress("teacher"))
     network = network_of(result.model)
     state = {"state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}
     meta = {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
@@ -176,7 +181,8 @@ def make_synth(ctx: Context, payload: dict) -> tuple[Any, dict]:
     method = METHODS.get(payload["method"]["name"])
     params = build(method.params, {k: v for k, v in payload["method"].items() if k != "name"})
     teacher = load_teacher(ctx, payload["teacher"]) if payload.get("teacher") else None
-    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime)
+    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime,
+                           ctx.progress("synth"))
     return distilled.state(), distilled.meta
 
 
@@ -186,7 +192,7 @@ def make_labels(ctx: Context, payload: dict) -> tuple[Any, dict]:
     distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
     teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
     stored = make_stored_labels(distilled, dataset, build(Protocol, payload["protocol"]), teachers,
-                                payload["seed"], ctx.runtime, payload.get("ipc"))
+                                payload["seed"], ctx.runtime, payload.get("ipc"), ctx.progress("labels"))
     return stored.state(), stored.meta
 
 
@@ -221,12 +227,13 @@ def environment() -> dict[str, Any]:
 
 
 def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
-             runtime: Runtime | None = None) -> dict[str, Any]:
+             runtime: Runtime | None = None, report: Callable[[str], ProgressFn] | None = None) -> dict[str, Any]:
     """Execute one node; returns plain data for the driver. ``built`` lists every
-    stage actually computed (empty when the artifact was already in the store)."""
+    stage actually computed (empty when the artifact was already in the store).
+    ``report``: stage -> the progress callback its loops report to."""
     torch.set_num_threads(max(1, int(threads)))  # same thread count in every executor: same numbers
     runtime = runtime or Runtime.auto()
-    ctx = Context(ArtifactStore(store_root), runtime)
+    ctx = Context(ArtifactStore(store_root), runtime, report=report)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__,
                            "started_at": datetime.now(timezone.utc).isoformat()}
@@ -239,7 +246,7 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
         stored = StoredLabels.from_state(ensure(ctx, payload["labels"])) if payload.get("labels") else None
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
-                          stored=stored)
+                          stored=stored, progress=ctx.progress("posteval"))
         out.update(result)
         out["synth_meta"] = distilled.meta
         out["dataset"] = dataset.record
