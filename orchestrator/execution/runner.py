@@ -118,7 +118,9 @@ class RayExecutor:
 
     While waiting for results it checks every ``heartbeat_s`` seconds which
     running jobs still beat, calls ``on_tick`` with their nodes (the driver
-    records the heartbeats), and turns lost jobs into failures."""
+    records the heartbeats) and ``on_progress`` with each of them and its
+    latest progress record (None before its first; orchestrator.execution.jobprogress),
+    and turns lost jobs into failures."""
 
     name = "ray"
 
@@ -156,6 +158,7 @@ class RayExecutor:
         self.lost: deque[Outcome] = deque()
         self.heartbeat_s = heartbeat_s
         self.on_tick: Callable[[list[Node]], None] | None = None
+        self.on_progress: Callable[[list[tuple[Node, dict | None]]], None] | None = None
         self.serial = itertools.count()
         self.next_check = time.monotonic() + heartbeat_s
         # Beside the artifact store (store_root = OUT/artifacts): a folder the cluster shares already.
@@ -218,8 +221,12 @@ class RayExecutor:
         except Exception as exc:  # noqa: BLE001 - skip this round; Ray reports dead workers on its own
             print(f"warning: heartbeat check failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
+        try:
+            records = self.board.progress()
+        except Exception:  # noqa: BLE001 - progress is for watching: liveness goes on without it
+            records = {}
         now = time.monotonic()
-        running, gone = [], []
+        running, gone, where = [], [], []
         for ref, (node, token) in list(self.pending.items()):
             if token not in beats:
                 continue  # still queued: no judgement before its first beat
@@ -234,6 +241,7 @@ class RayExecutor:
                 reason = f"no heartbeat for {age:.0f} s from pid {pid} on {host}"
             else:
                 running.append(node)
+                where.append((node, records.get(token)))
                 continue
             try:
                 self.ray.cancel(ref, force=True)  # frees its resources once Ray has killed the worker
@@ -248,6 +256,8 @@ class RayExecutor:
             self._clear(gone)  # a lost job cannot clear its own key
         if self.on_tick is not None:
             self.on_tick(running)
+        if self.on_progress is not None:
+            self.on_progress(where)
 
     def _clear(self, tokens: list[str] | None = None) -> None:
         """Drop board keys: of ``tokens``, else of the whole run."""
