@@ -245,3 +245,40 @@ def test_bulk_import_stores_what_the_per_result_path_stores(db_engine):
     with pytest.raises(ValueError, match="twice"):
         with db_engine.begin() as tx:
             records.import_results(tx, batch[:1] * 2)
+
+
+def test_epoch_rows_of_a_running_cell_are_written_as_they_arrive_and_never_duplicated(db_engine):
+    from db.queries import epoch_frame
+
+    ids = make_study(db_engine, "live", cell_dicts({"x": [1]}, seeds=[0]))
+    cell_id = next(iter(ids.values()))
+    key = next(iter(ids))
+
+    def stored():
+        frame = epoch_frame(db_engine, "live", unfinished=True)
+        with session_scope(db_engine) as s:
+            owners = sorted(set(s.scalars(select(EpochMetric.attempt_id).where(EpochMetric.cell_id == cell_id))))
+        return frame.epoch.tolist(), frame.loss.tolist(), owners
+
+    with session_scope(db_engine) as s:
+        first = records.start_attempt(s, cell_id)
+    with session_scope(db_engine) as s:
+        records.record_epochs(s, cell_id, first, epochs(3))
+    assert stored()[0] == [1, 2, 3]
+    assert epoch_frame(db_engine, "live").empty  # the default reads finished cells only
+    with session_scope(db_engine) as s:  # the same epochs again (and new ones): replaced, not added
+        records.record_epochs(s, cell_id, first, [{**row, "loss": 9.0} for row in epochs(5)[1:]])
+    assert stored()[:2] == ([1, 2, 3, 4, 5], [2.0, 9.0, 9.0, 9.0, 9.0])
+    with session_scope(db_engine) as s:  # the attempt crashes: what it measured stays
+        records.finish_attempt(s, first, AttemptStatus.failed, error_type="WorkerLost")
+    assert stored()[0] == [1, 2, 3, 4, 5]
+    with session_scope(db_engine) as s:
+        second = records.start_attempt(s, cell_id)
+    with session_scope(db_engine) as s:  # a rerun's first rows replace the failed attempt's curve
+        records.record_epochs(s, cell_id, second, epochs(2))
+    assert stored() == ([1, 2], [2.0, 1.0], [second])
+    with session_scope(db_engine) as s:  # the result at the end: the full history, each epoch once
+        records.record_result(s, cell_id, {"top1": 0.5}, epochs(6), attempt_id=second)
+        records.finish_attempt(s, second, AttemptStatus.done)
+    assert stored()[0] == [1, 2, 3, 4, 5, 6] and stored()[2] == [second]
+    assert epoch_frame(db_engine, "live").cell_key.tolist() == [key] * 6

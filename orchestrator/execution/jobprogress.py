@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPORT_EVERY_S = 1.0  # a job writes its progress at most this often (and at each loop's start and end)
-KEEP_ROWS = 32  # epoch rows a record carries: the driver writes those it has not seen (the rest come at the end)
+KEEP_ROWS = 64  # epoch rows a record carries: the driver writes those it has not seen (the rest come at the end)
 RUN_FILE = "progress.json"
 
 
