@@ -76,3 +76,19 @@ def test_jobs_report_progress_to_the_display_the_database_and_status(tiny_study,
         kill_all(started)
         if driver.poll() is None:
             driver.kill()
+
+
+@pytest.mark.slow
+def test_the_in_process_executor_shows_progress_too(tiny_study, tmp_path):
+    """--executor local: no board, the job runs in the driver's thread; its
+    records go straight to the display and the database."""
+    text = STUDY.replace("name: live_progress", "name: local_progress").replace(f"epochs: {EPOCHS}", "epochs: 200")
+    out = tmp_path / "out"
+    done = run_cli("run", str(tiny_study("local_progress", text)), "--out", str(out), "--executor", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    teacher = re.findall(r"^  teacher [0-9a-f]{10} epoch (\d+)/30 \d+% loss \S+ train \S+% (?:test \S+% )?eta (\S+)",
+                         done.stdout, re.M)
+    assert len([k for k, eta in teacher if 0 < int(k) < 30 and eta[0].isdigit()]) >= 2, done.stdout
+    assert re.search(r"^  posteval [0-9a-f]{10} epoch \d+/200 ", done.stdout, re.M), done.stdout
+    epochs = [e for (e,) in rows(out / "rd3.sqlite", "SELECT epoch FROM epoch_metric ORDER BY epoch")]
+    assert epochs == list(range(1, 201))

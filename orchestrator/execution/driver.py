@@ -266,7 +266,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
                                 options.num_gpus if options.num_gpus is not None else limits.max_gpus,
                                 heartbeat_s=options.heartbeat_s))
         executor.on_tick = recorder.heartbeat
-        executor.on_progress = on_progress  # Ray: read with the beats; in-process jobs report none
+        executor.on_progress = on_progress  # Ray: read with the beats; in-process: as the job writes them
         slots = executor.slots()
         t_ready = time.perf_counter()
         execute(plan, Announcing(executor, recorder.submitted), limits, on_outcome, options.max_retries)

@@ -24,6 +24,7 @@ transient ``WorkerLost`` failure.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -74,7 +75,9 @@ def _job_args(node: Node, store_root: str, resources: Resources) -> tuple:
 
 class LocalExecutor:
     """Runs each job in the driver process, one at a time, when asked for the
-    next result. No heartbeats: a job that dies takes the driver with it."""
+    next result. No heartbeats: a job that dies takes the driver with it. Its
+    progress records go straight to ``on_progress`` (in the job's thread,
+    which is the driver's) as the job's Reporter writes them."""
 
     name = "local"
 
@@ -82,6 +85,7 @@ class LocalExecutor:
         self.store_root = store_root
         self.queue: deque[tuple[Node, Resources]] = deque()
         self.on_tick: Callable[[list[Node]], None] | None = None
+        self.on_progress: Callable[[list[tuple[Node, dict | None]]], None] | None = None
 
     def submit(self, node: Node, resources: Resources) -> None:
         self.queue.append((node, resources))
@@ -94,8 +98,9 @@ class LocalExecutor:
 
         node, resources = self.queue.popleft()
         threads = torch.get_num_threads()
+        relay = _Relay(node, self.on_progress) if self.on_progress is not None else None
         try:
-            return outcome_of(node, run_job(*_job_args(node, self.store_root, resources)))
+            return outcome_of(node, run_job(*_job_args(node, self.store_root, resources), report_to=relay))
         finally:
             torch.set_num_threads(threads)
 
@@ -108,6 +113,17 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.queue.clear()
+
+
+@dataclass(frozen=True)
+class _Relay:
+    """The in-process executor's board for one job: its progress records, as written."""
+
+    node: Node
+    on_progress: Callable[[list[tuple[Node, dict | None]]], None]
+
+    def report(self, token: str, record: str) -> None:
+        self.on_progress([(self.node, json.loads(record))])
 
 
 class RayExecutor:

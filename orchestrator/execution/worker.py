@@ -317,16 +317,20 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
-            gpus: float = 0.0, board: Board | FileBoard | None = None, token: str = "", period: float = 5.0) -> dict[str, Any]:
+            gpus: float = 0.0, board: Board | FileBoard | None = None, token: str = "", period: float = 5.0,
+            report_to=None) -> dict[str, Any]:
     """Run one plan node (orchestrator.execution.jobs.run_node) under the wrapping above.
     Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
-    with ``job`` = when (epoch seconds) and in which process it ran."""
+    with ``job`` = when (epoch seconds) and in which process it ran.
+    ``report_to``: where the job's progress records go when it has no board (an
+    object with ``report(token, record)``: the in-process executor's relay)."""
     t0, started = time.perf_counter(), time.time()
     with heartbeat(board, token, period):
         from .jobs import run_node  # here, not at import: see the module docstring
 
         limit = memory if memory and not gpus else None
-        report = Reporter(board, token).stage if board is not None else None
+        reports = board if board is not None else report_to
+        report = Reporter(reports, token).stage if reports is not None else None
         try:
             with memory_limit(limit):
                 out = run_node(stage, key, payload, store_root, threads, report=report)
