@@ -1,7 +1,8 @@
 """Progress from inside jobs, end to end with real Ray workers: a teacher's
 epochs appear in the run's output with an ETA, `status` in another process
-shows a running post-evaluation's epoch, and the cell's epoch rows are in the
-database while it trains and exactly once after it finished."""
+shows the running teacher's and then post-evaluation's epoch with an ETA, and
+the cell's epoch rows are in the database while it trains and exactly once
+after it finished."""
 import os
 import re
 import signal
@@ -42,26 +43,36 @@ def test_jobs_report_progress_to_the_display_the_database_and_status(tiny_study,
     started = []
     driver = start_cli("run", str(study), "--out", str(out), "--num-cpus", "1", "--heartbeat-s", "0.3")
     try:
-        def posteval_under_way():
+        def under_way(stage, total):
             snapshot = read_run_file(progress_file) or {}
-            running = [j for j in snapshot.get("jobs", []) if j["stage"] == "posteval" and j["record"]
-                       and 0 < j["record"]["done"] < EPOCHS]
-            return running and rows(db, "SELECT count(*) FROM epoch_metric JOIN cell ON cell.id = "
-                                        "epoch_metric.cell_id WHERE cell.status = 'running'")[0][0]
-        wait_for(posteval_under_way, 300, "a running post-evaluation's epochs in the progress file and the DB",
-                 driver)
-        started += descendants(driver.pid)
-        # Hold the driver still: its progress file stays as it last wrote it while the job runs on.
-        os.kill(driver.pid, signal.SIGSTOP)
-        try:
-            status = run_cli("status", "live_progress", "--out", str(out), timeout=120)
-        finally:
-            os.kill(driver.pid, signal.SIGCONT)
-        assert status.returncode == 0, status.stderr
-        assert "1 running" in status.stdout and f"run in progress (driver pid {driver.pid} on " in status.stdout
-        job = [line for line in status.stdout.splitlines() if line.startswith("  posteval ")]
+            return [j for j in snapshot.get("jobs", []) if j["stage"] == stage and j["record"]
+                    and 0 < j["record"]["done"] < total]
+
+        def status_now() -> str:
+            # Hold the driver still: its progress file stays as it last wrote it while the job runs on.
+            started.extend(descendants(driver.pid))
+            os.kill(driver.pid, signal.SIGSTOP)
+            try:
+                status = run_cli("status", "live_progress", "--out", str(out), timeout=120)
+            finally:
+                os.kill(driver.pid, signal.SIGCONT)
+            assert status.returncode == 0, status.stderr
+            assert f"run in progress (driver pid {driver.pid} on " in status.stdout
+            return status.stdout
+
+        wait_for(lambda: under_way("teacher", 30), 300, "the teacher's epochs in the progress file", driver)
+        job = [line for line in status_now().splitlines() if line.startswith("  teacher ")]
+        assert job and re.match(r"  teacher [0-9a-f]{10} epoch \d+/30 \d+% loss \S+ train \S+% eta \d", job[0]), job
+
+        wait_for(lambda: under_way("posteval", EPOCHS) and rows(
+            db, "SELECT count(*) FROM epoch_metric JOIN cell ON cell.id = epoch_metric.cell_id "
+                "WHERE cell.status = 'running'")[0][0], 300,
+                 "a running post-evaluation's epochs in the progress file and the DB", driver)
+        stdout = status_now()
+        assert "1 running" in stdout
+        job = [line for line in stdout.splitlines() if line.startswith("  posteval ")]
         assert job and re.match(rf"  posteval [0-9a-f]{{10}} epoch \d+/{EPOCHS} \d+% loss \S+ train \S+% "
-                                r"(test \S+% )?eta \d", job[0]), status.stdout
+                                r"(test \S+% )?eta \d", job[0]), stdout
 
         code, stdout, stderr = finish(driver)
         assert code == 0, stdout + stderr
