@@ -285,3 +285,32 @@ def test_status_says_when_the_driver_is_gone(tmp_path):
     out = io.StringIO()
     show_jobs(tmp_path, "tiny", out, now=1001.0)
     assert f"its driver (pid {int(gone.stdout)}) is no longer running" in out.getvalue()
+
+
+def test_the_driver_hears_the_progress_of_the_jobs_that_beat():
+    """RayExecutor.check against a board it reads (no Ray instance): each running
+    job with its record; a job not yet beating is not reported, whatever it wrote."""
+    from collections import deque
+
+    from orchestrator.execution.plan import Node
+    from orchestrator.execution.runner import RayExecutor
+
+    class Cluster:
+        def nodes(self):
+            return [{"NodeID": "n1", "Alive": True}]
+
+    class Board:
+        def read(self):
+            return {"a": (1, "n1", 11, "h"), "b": (1, "n1", 12, "h")}
+
+        def progress(self):
+            return {"a": record(3), "queued": record(1)}
+
+    seen = []
+    nodes = {t: Node("teacher", t * 16, (), {}) for t in ("a", "b", "queued")}
+    executor = RayExecutor.__new__(RayExecutor)
+    executor.ray, executor.board, executor.beats, executor.lost = Cluster(), Board(), {}, deque()
+    executor.heartbeat_s, executor.on_tick, executor.on_progress = 1.0, None, seen.append
+    executor.pending = {f"ref-{t}": (node, t) for t, node in nodes.items()}
+    executor.check()
+    assert seen == [[(nodes["a"], record(3)), (nodes["b"], None)]]
