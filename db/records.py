@@ -15,7 +15,7 @@ import re
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import Connection, Integer, String, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Integer, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import views
@@ -170,16 +170,16 @@ def record_result(session: Tx, cell_id: int, metrics: Mapping[str, float], epoch
 def record_epochs(session: Tx, cell_id: int, attempt_id: int, epochs: Iterable[Mapping[str, Any]]) -> None:
     """Epoch rows of a running attempt, as they arrive: the driver writes them
     while the cell trains, so that the curve of a running cell can be drawn
-    and a crash keeps what was measured. Idempotent: rows of the same epochs
-    are replaced, and so are rows an earlier attempt of the cell left;
-    ``record_result`` at the cell's end replaces them all with the full history."""
+    and a crash keeps what was measured. The cell's rows from the first epoch
+    given on are replaced: the same rows sent twice are stored once, a rerun
+    from scratch replaces an earlier attempt's curve, and one that resumed
+    from a checkpoint keeps the epochs before it. ``record_result`` at the
+    cell's end replaces them all with the full history."""
     rows = _epoch_rows(cell_id, attempt_id, epochs)
     if not rows:
         return
     conn = _conn(session)
-    conn.execute(_epoch.delete().where(_epoch.c.cell_id == cell_id,
-                                       or_(_epoch.c.attempt_id.is_distinct_from(attempt_id),
-                                           _epoch.c.epoch.in_([r["epoch"] for r in rows]))))
+    conn.execute(_epoch.delete().where(_epoch.c.cell_id == cell_id, _epoch.c.epoch >= min(r["epoch"] for r in rows)))
     _INSERT_EPOCHS.executemany(conn, rows)
 
 
