@@ -93,13 +93,14 @@ def test_jobs_report_progress_to_the_display_the_database_and_status(tiny_study,
 def test_the_in_process_executor_shows_progress_too(tiny_study, tmp_path):
     """--executor local: no board, the job runs in the driver's thread; its
     records go straight to the display and the database."""
-    text = STUDY.replace("name: live_progress", "name: local_progress").replace(f"epochs: {EPOCHS}", "epochs: 200")
+    text = (STUDY.replace("name: live_progress", "name: local_progress").replace(f"epochs: {EPOCHS}", "epochs: 100")
+            .replace("epochs: 30", "epochs: 12"))
     out = tmp_path / "out"
     done = run_cli("run", str(tiny_study("local_progress", text)), "--out", str(out), "--executor", "local")
     assert done.returncode == 0, done.stdout + done.stderr
-    teacher = re.findall(r"^  teacher [0-9a-f]{10} epoch (\d+)/30 \d+% loss \S+ train \S+% (?:test \S+% )?eta (\S+)",
+    teacher = re.findall(r"^  teacher [0-9a-f]{10} epoch (\d+)/12 \d+% loss \S+ train \S+% (?:test \S+% )?eta (\S+)",
                          done.stdout, re.M)
-    assert len([k for k, eta in teacher if 0 < int(k) < 30 and eta[0].isdigit()]) >= 2, done.stdout
-    assert re.search(r"^  posteval [0-9a-f]{10} epoch \d+/200 ", done.stdout, re.M), done.stdout
+    assert len([k for k, eta in teacher if 0 < int(k) < 12 and eta[0].isdigit()]) >= 2, done.stdout
+    assert re.search(r"^  posteval [0-9a-f]{10} epoch \d+/100 ", done.stdout, re.M), done.stdout
     epochs = [e for (e,) in rows(out / "rd3.sqlite", "SELECT epoch FROM epoch_metric ORDER BY epoch")]
-    assert epochs == list(range(1, 201))
+    assert epochs == list(range(1, 101))
