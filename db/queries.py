@@ -224,15 +224,19 @@ def cells_frame(engine: Engine, study: str) -> pd.DataFrame:
 EPOCH_COLUMNS = ["cell_key", "epoch", *EPOCH_FLOATS]
 
 
-def epoch_frame(engine: Engine, study: str) -> pd.DataFrame:
+def epoch_frame(engine: Engine, study: str, unfinished: bool = False) -> pd.DataFrame:
     """Per-epoch metrics of ``study``'s finished cells, one row per (cell, epoch):
     cell_key, epoch, loss, lr, test_top1, heldout_top1, time_s, train_top1,
-    temperature (test/held-out accuracies are only present on evaluated epochs)."""
+    temperature (test/held-out accuracies are only present on evaluated epochs).
+    ``unfinished``: every cell's, also of those running now or failed (the
+    epochs their attempts measured so far)."""
+    query = (select(Cell.cell_key, EpochMetric.epoch, *(getattr(EpochMetric, f) for f in EPOCH_FLOATS))
+             .join(Cell, EpochMetric.cell_id == Cell.id).join(Study).where(Study.name == study)
+             .order_by(Cell.cell_key, EpochMetric.epoch))
+    if not unfinished:
+        query = query.where(Cell.status == CellStatus.done)
     with session_scope(engine) as s:
-        rows = s.execute(select(Cell.cell_key, EpochMetric.epoch, *(getattr(EpochMetric, f) for f in EPOCH_FLOATS))
-                         .join(Cell, EpochMetric.cell_id == Cell.id).join(Study)
-                         .where(Study.name == study, Cell.status == CellStatus.done)
-                         .order_by(Cell.cell_key, EpochMetric.epoch)).all()
+        rows = s.execute(query).all()
     return pd.DataFrame([tuple(r) for r in rows], columns=EPOCH_COLUMNS)
 
 

@@ -167,6 +167,22 @@ def record_result(session: Tx, cell_id: int, metrics: Mapping[str, float], epoch
         set_status(session, cell_id, CellStatus.done)
 
 
+def record_epochs(session: Tx, cell_id: int, attempt_id: int, epochs: Iterable[Mapping[str, Any]]) -> None:
+    """Epoch rows of a running attempt, as they arrive: the driver writes them
+    while the cell trains, so that the curve of a running cell can be drawn
+    and a crash keeps what was measured. The cell's rows from the first epoch
+    given on are replaced: the same rows sent twice are stored once, a rerun
+    from scratch replaces an earlier attempt's curve, and one that resumed
+    from a checkpoint keeps the epochs before it. ``record_result`` at the
+    cell's end replaces them all with the full history."""
+    rows = _epoch_rows(cell_id, attempt_id, epochs)
+    if not rows:
+        return
+    conn = _conn(session)
+    conn.execute(_epoch.delete().where(_epoch.c.cell_id == cell_id, _epoch.c.epoch >= min(r["epoch"] for r in rows)))
+    _INSERT_EPOCHS.executemany(conn, rows)
+
+
 def set_status(session: Tx, cell_id: int, status: CellStatus) -> None:
     _SET_STATUS.execute(_conn(session), {"cid": cell_id, "new_status": status})
 

@@ -2,13 +2,19 @@
 
 Both open the database read-only (the engine itself cannot write) and refuse a
 schema other than the one this code reads, with a message saying what to do.
+`status` also shows where the running jobs of a run in progress are, from the
+progress file its driver keeps in the results folder (execution.jobprogress).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
+import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,6 +24,10 @@ from sqlalchemy.exc import DBAPIError
 from db import queries
 from db.schema import check_revision, explain, head_revision
 from db.session import DatabaseError, describe, make_engine, results_url
+
+from .execution.jobprogress import describe as describe_job, read_run_file, run_file
+
+STALE_S = 60.0  # a progress file not rewritten for this long may be a stopped run's
 
 
 def open_read_only(db: str | None, out) -> Engine:
@@ -111,6 +121,7 @@ def show_status(args, stream=None) -> int:
     state = f"finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else "not finished"
     print(f"study {study.name}: {total} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())
           + f" ({state})", file=stream)
+    show_jobs(args.out, study.name, stream)
     for status in ("running", "failed"):
         rows = attempts[attempts.status == status]
         if rows.empty:
@@ -123,3 +134,32 @@ def show_status(args, stream=None) -> int:
             error = f": {r.error_type}: {r.error_message}" if status == "failed" else ""
             print(f"  {r.cell_key[:10]} seed={r.seed} attempt {r.number}{where}{since}{error}", file=stream)
     return 0
+
+
+def show_jobs(out: Path, study: str, stream, now: float | None = None) -> None:
+    """The running jobs of a run in progress: what its driver last wrote to the
+    run's progress file (nothing when no run is in progress)."""
+    snapshot = read_run_file(run_file(out, study))
+    if snapshot is None:
+        return
+    age = max(0.0, (now if now is not None else time.time()) - snapshot.get("updated", 0.0))
+    pid, host = snapshot.get("pid"), snapshot.get("host")
+    print(f"run in progress (driver pid {pid} on {host}, updated {age:.0f} s ago): {snapshot.get('status', '')}",
+          file=stream)
+    if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        print(f"  its driver (pid {pid}) is no longer running: what follows is where it stopped", file=stream)
+    elif age > STALE_S:
+        print(f"  not updated for {age:.0f} s: the run may have stopped", file=stream)
+    for job in snapshot.get("jobs", []):
+        eta = None if job.get("eta_s") is None else max(0.0, job["eta_s"] - age)
+        print(f"  {job['label']} {describe_job(job.get('record'), eta, job.get('stage'))}", file=stream)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -30,6 +30,14 @@ from .protocol import OptimSpec, Protocol
 from .seeding import generator
 
 
+# A long loop's optional progress report: progress(done, total, unit, **metrics),
+# e.g. (3, 10, "epoch", loss=0.9, train_top1=0.7). Called with done=0 when the
+# loop starts (the ETA is timed from then) and after each unit; metrics are
+# numbers or 0-d tensors, which the receiver reads only when it passes them on
+# (a host sync then, not at every step).
+ProgressFn = Callable[..., None]
+
+
 class NonFiniteLoss(RuntimeError):
     """Training diverged (NaN/inf loss). Deterministic: retrying will not help."""
 
@@ -214,13 +222,15 @@ class _Batches:
 
 def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, labeler, *, batch_size: int,
           seed: int, runtime: Runtime = Runtime(), test: Split | None = None, heldout: Split | None = None,
-          on_epoch: Callable[[dict], None] | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, checkpoint: Checkpoint | None = None,
+          progress: ProgressFn | None = None) -> TrainResult:
     """Train ``model`` on ``data`` under ``protocol`` with targets from ``labeler``.
 
     ``data`` is a tensor :class:`Split` (moved to the device) or a streamed
     split (decoded by workers). A labeler with a ``views(block)`` method (stored
     labels) dictates the sample order and augmentation; otherwise they are
-    drawn from ``seed``.
+    drawn from ``seed``. ``progress`` (:data:`ProgressFn`) hears of each
+    epoch with its row (loss, train_top1, and test_top1 on evaluated epochs).
 
     Returns the final-epoch test top-1 as ``metrics["top1"]`` (THE result), plus
     clearly named extras: ``top1_best_on_test`` (selected on the test set) and
@@ -286,6 +296,8 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
         t_eval += time.perf_counter() - t0
         return row
 
+    if progress is not None:  # from where a resumed run starts, so its ETA is timed from here
+        progress(start, epochs, "epoch")
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         # Views are re-drawn every `refresh` epochs and replayed in between.
@@ -342,6 +354,8 @@ def train(model: nn.Module, data: Split, info: DatasetInfo, protocol: Protocol, 
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if progress is not None:
+            progress(epoch + 1, epochs, "epoch", **row)
         if checkpoint is not None and not last and checkpoint.due():
             checkpoint.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "ema": ema.state_dict() if ema is not None else None, "history": history,

@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .data import Dataset, Split, as_float
 from .labels import EpochwiseLabels, HardLabels, StaticLabels, TeacherEnsemble
-from .loop import Runtime, TrainResult, train
+from .loop import ProgressFn, Runtime, TrainResult, train
 from .models import create_model
 from .protocol import LabelSpec, Protocol, batch_size_for
 from .seeding import derive_seed, seed_everything
@@ -35,7 +35,7 @@ def build_model(arch: str, dataset: Dataset, seed: int) -> nn.Module:
 
 
 def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtime(),
-                  checkpoint: Checkpoint | None = None) -> TrainResult:
+                  checkpoint: Checkpoint | None = None, progress: ProgressFn | None = None) -> TrainResult:
     """Pretrain through the same kernel as post-evaluation; records test top-1.
     (A teacher with weights made elsewhere is loaded instead: ``load_pretrained``.)
     ``checkpoint``: saved to and resumed from (rd3core.checkpoint)."""
@@ -43,7 +43,7 @@ def train_teacher(dataset: Dataset, spec: TeacherSpec, runtime: Runtime = Runtim
         raise ValueError(f"teacher {spec.arch!r} has {spec.source} weights: load it with load_pretrained")
     model = build_model(spec.arch, dataset, spec.seed)
     return train(model, dataset.train, dataset.info, spec.protocol(), HardLabels(), batch_size=spec.batch_size,
-                 seed=spec.seed, runtime=runtime, test=dataset.test, checkpoint=checkpoint)
+                 seed=spec.seed, runtime=runtime, test=dataset.test, checkpoint=checkpoint, progress=progress)
 
 
 def make_labeler(spec: LabelSpec, teachers: list[nn.Module], distilled: DistilledSet, dataset: Dataset,
@@ -81,12 +81,13 @@ def resolve_batch_size(protocol: Protocol, distilled: DistilledSet, dataset: Dat
 
 def make_stored_labels(distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
                        teachers: Mapping[str, nn.Module], seed: int, runtime: Runtime = Runtime(),
-                       ipc: int | None = None) -> StoredLabels:
+                       ipc: int | None = None, progress: ProgressFn | None = None) -> StoredLabels:
     """The `labels` stage: precompute what ``posteval`` under ``protocol`` with
     the same seed will replay (labels.mode 'stored')."""
     names = label_teachers(protocol, teachers)
     return precompute(distilled.images, distilled.labels, dataset.info, protocol, {n: teachers[n] for n in names},
-                      batch_size=resolve_batch_size(protocol, distilled, dataset, ipc), seed=seed, runtime=runtime)
+                      batch_size=resolve_batch_size(protocol, distilled, dataset, ipc), seed=seed, runtime=runtime,
+                      progress=progress)
 
 
 def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset, protocol: Protocol,
@@ -103,7 +104,7 @@ def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset
 def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
              seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
              stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None,
-             checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+             checkpoint: Checkpoint | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
     (by phase) and the size of the soft labels a user must store to rerun it
@@ -118,7 +119,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     evaluated on it too, at every evaluated epoch (``eval.interval`` must be set),
     and ``top1_heldout_selected`` records the test accuracy at the epoch chosen
     on it. The student's training saves to and resumes from ``checkpoint``
-    (rd3core.checkpoint), when given.
+    (rd3core.checkpoint), when given. ``progress`` hears of a stored-label
+    precompute done here (batches), then of the training (epochs).
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
@@ -134,7 +136,7 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     t_labels = time.perf_counter()
     if protocol.labels.mode == "stored":
         if stored is None:
-            stored = make_stored_labels(distilled, dataset, protocol, teachers, seed, runtime, ipc)
+            stored = make_stored_labels(distilled, dataset, protocol, teachers, seed, runtime, ipc, progress)
         check_stored(stored, distilled, dataset, protocol, teachers, batch_size, seed)
         labels_info = dict(stored.meta)
         names = list(stored.signature["teachers"])
@@ -152,7 +154,7 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
                    batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
                    heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, progress=progress)
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}
     return {"metrics": dict(result.metrics), "epochs": result.epochs, "timing": timing, "labels": labels_info,
             "resolved": {"batch_size": batch_size, "teachers": names, **heldout_info}}

@@ -27,7 +27,7 @@ from .augment import AugParams
 from .config import to_dict
 from .data import DatasetInfo, tensor_digest
 from .labels import TeacherEnsemble
-from .loop import Runtime, Views, draw_views, make_batch
+from .loop import ProgressFn, Runtime, Views, draw_views, make_batch, num_steps
 from .protocol import Protocol
 
 FORMAT_VERSION = 1
@@ -160,9 +160,9 @@ def _expand(block: dict, num_classes: int, device: str) -> torch.Tensor:
 @torch.inference_mode()
 def precompute(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, protocol: Protocol,
                teachers: Mapping[str, nn.Module], *, batch_size: int, seed: int,
-               runtime: Runtime = Runtime()) -> StoredLabels:
+               runtime: Runtime = Runtime(), progress: ProgressFn | None = None) -> StoredLabels:
     """Run the labels stage: the same views the loop would draw, labelled by the
-    (combined) teachers, kept compactly."""
+    (combined) teachers, kept compactly. ``progress`` hears of every batch."""
     t0 = time.perf_counter()
     spec = protocol.labels
     ensemble = TeacherEnsemble([runtime.place(t) for t in teachers.values()], spec.combine)
@@ -171,13 +171,19 @@ def precompute(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, pr
     n = int(labels.shape[0])
     blocks = []
     num_classes = None
-    for block in range(math.ceil(protocol.epochs / spec.refresh_every)):
+    count = math.ceil(protocol.epochs / spec.refresh_every)
+    steps = num_steps(n, batch_size)
+    if progress is not None:
+        progress(0, count * steps, "batch")
+    for block in range(count):
         views = draw_views(protocol.augment, n, batch_size, hw, hw, seed, block)
         outs = []
         for step, idx in enumerate(views.order.to(runtime.device).split(batch_size)):
             x = make_batch(data[idx], views.params[step], protocol.augment, info, runtime)
             with torch.autocast("cuda", torch.bfloat16, enabled=runtime.amp):
                 outs.append(ensemble(x).float())
+            if progress is not None:
+                progress(block * steps + step + 1, count * steps, "batch")
         logits = torch.cat(outs)
         num_classes = logits.shape[1]
         blocks.append({"order": views.order.to(torch.int32), "params": [p.state() for p in views.params],

@@ -245,3 +245,53 @@ def test_bulk_import_stores_what_the_per_result_path_stores(db_engine):
     with pytest.raises(ValueError, match="twice"):
         with db_engine.begin() as tx:
             records.import_results(tx, batch[:1] * 2)
+
+
+def test_epoch_rows_of_a_running_cell_are_written_as_they_arrive_and_never_duplicated(db_engine):
+    from db.queries import epoch_frame
+
+    ids = make_study(db_engine, "live", cell_dicts({"x": [1]}, seeds=[0]))
+    cell_id = next(iter(ids.values()))
+    key = next(iter(ids))
+
+    def stored():
+        """(epoch, loss, attempt) of the cell's rows, as epoch_frame and the table hold them."""
+        frame = epoch_frame(db_engine, "live", unfinished=True)
+        with session_scope(db_engine) as s:
+            owners = s.scalars(select(EpochMetric.attempt_id).where(EpochMetric.cell_id == cell_id)
+                               .order_by(EpochMetric.epoch)).all()
+        return list(zip(frame.epoch.tolist(), frame.loss.tolist(), owners))
+
+    def attempt():
+        with session_scope(db_engine) as s:
+            return records.start_attempt(s, cell_id)
+
+    def write(attempt_id, rows):
+        with session_scope(db_engine) as s:
+            records.record_epochs(s, cell_id, attempt_id, rows)
+
+    def fail(attempt_id):
+        with session_scope(db_engine) as s:
+            records.finish_attempt(s, attempt_id, AttemptStatus.failed, error_type="WorkerLost")
+
+    first = attempt()
+    write(first, epochs(3))
+    assert [e for e, _, _ in stored()] == [1, 2, 3]
+    assert epoch_frame(db_engine, "live").empty  # the default reads finished cells only
+    write(first, [{**row, "loss": 9.0} for row in epochs(5)[1:]])  # epochs sent again, and new ones
+    assert [(e, loss) for e, loss, _ in stored()] == [(1, 2.0), (2, 9.0), (3, 9.0), (4, 9.0), (5, 9.0)]
+    fail(first)  # the attempt crashes: what it measured stays
+    assert len(stored()) == 5
+    resumed = attempt()  # resumed from a checkpoint after epoch 3: the epochs before it stay
+    write(resumed, epochs(6)[3:])
+    assert [(e, a) for e, _, a in stored()] == [(1, first), (2, first), (3, first), (4, resumed), (5, resumed),
+                                               (6, resumed)]
+    fail(resumed)
+    fresh = attempt()  # a rerun from scratch: its first rows replace the earlier curve
+    write(fresh, epochs(2))
+    assert stored() == [(1, 2.0, fresh), (2, 1.0, fresh)]
+    with session_scope(db_engine) as s:  # the result at the end: the full history, each epoch once
+        records.record_result(s, cell_id, {"top1": 0.5}, epochs(6), attempt_id=fresh)
+        records.finish_attempt(s, fresh, AttemptStatus.done)
+    assert [(e, a) for e, _, a in stored()] == [(e, fresh) for e in range(1, 7)]
+    assert epoch_frame(db_engine, "live").cell_key.tolist() == [key] * 6

@@ -50,7 +50,8 @@ def test_choose_board_falls_back_to_files_and_says_why(tmp_path, monkeypatch, en
 
 def test_the_tested_ray_keeps_the_key_value_store(tmp_path):
     """A real embedded instance (in a process of its own, as a driver runs it):
-    the probe passes, the executor beats to the key-value store and says nothing."""
+    the probe passes, the executor beats to the key-value store and says nothing;
+    progress records live beside the beats and are cleared with them."""
     code = f"""
 from orchestrator.execution.runner import RayExecutor
 from orchestrator.execution.worker import Board
@@ -58,8 +59,13 @@ ex = RayExecutor({str(tmp_path / 'artifacts')!r}, num_cpus=1)
 try:
     ex.board.beat("job#0", 1, "node", 7, "host")
     print(type(ex.board).__name__, ex.board.read())
+    ex.board.report("job#0", '{{"done": 1}}')  # a progress record: beside the beat, not in it
+    print(ex.board.read(), ex.board.progress())
+    ex.board.clear(["job#0"])
+    print(ex.board.read(), ex.board.progress())
+    ex.board.report("job#1", '{{"done": 2}}')
     ex.board.clear_run()
-    print(ex.board.read())
+    print(ex.board.read(), ex.board.progress())
 finally:
     ex.close()
 """
@@ -67,5 +73,6 @@ finally:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["Board {'job#0': (1, 'node', 7, 'host')}", "{}"]
+    assert done.stdout.splitlines() == ["Board {'job#0': (1, 'node', 7, 'host')}",
+                                        "{'job#0': (1, 'node', 7, 'host')} {'job#0': {'done': 1}}", "{} {}", "{} {}"]
     assert "heartbeats through files" not in done.stderr

@@ -1,9 +1,15 @@
 """The progress display: an updating status line on a terminal, exactly one
 line per finished cell otherwise."""
 import io
+import re
 import time
 
 from orchestrator.execution.progress import CLEAR, Progress
+
+
+def visible(text: str) -> str:
+    """What a terminal shows of ``text``: without its cursor moves and erases."""
+    return re.sub(r"\x1b\[\d*[A-Za-z]|\r", "", text)
 
 
 class FakeTTY(io.StringIO):
@@ -80,7 +86,8 @@ def test_the_status_line_fits_the_terminal(monkeypatch):
     out = FakeTTY()
     progress = Progress(4, out, stages={"teacher": 1, "synth": 2, "posteval": 4}, refresh_s=None, clock=Clock())
     progress.close()
-    drawn = [seg for seg in out.getvalue().replace("\n", "").split(CLEAR) if seg]
+    drawn = [visible(seg) for seg in out.getvalue().replace("\n", "").split(CLEAR)]
+    drawn = [seg for seg in drawn if seg]
     assert drawn and all(len(seg) <= 39 for seg in drawn)
     assert drawn[-1].startswith("cells 0 done, 0 failed, 4 total")
 

@@ -145,12 +145,12 @@ def test_a_job_whose_beat_count_stops_changing_or_whose_node_leaves_is_lost(monk
         def clear(self, tokens):
             self.cleared += tokens
 
-    cancelled, ticks, clock = [], [], [100.0]
+    cancelled, ticks, seen, clock = [], [], [], [100.0]
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
     nodes = {t: Node("posteval", t, (), {}) for t in ("beating", "frozen", "queued", "elsewhere")}
     executor = RayExecutor.__new__(RayExecutor)
     executor.ray, executor.board, executor.beats, executor.lost = Cluster(), Board(), {}, deque()
-    executor.heartbeat_s, executor.on_tick = 1.0, ticks.append
+    executor.heartbeat_s, executor.on_tick, executor.on_progress = 1.0, ticks.append, seen.append
     executor.pending = {f"ref-{t}": (node, t) for t, node in nodes.items()}
     executor.board.beats = {"beating": (1, "n1", 11, "h"), "frozen": (1, "n1", 12, "h")}  # "queued": no beat yet
     executor.check()
@@ -162,6 +162,7 @@ def test_a_job_whose_beat_count_stops_changing_or_whose_node_leaves_is_lost(monk
     assert [o.node for o in executor.lost] == [nodes["frozen"]] and cancelled == ["ref-frozen"]
     assert "no heartbeat for 13 s from pid 12 on h" in executor.lost[0].error
     assert ticks[-1] == [nodes["beating"]] and executor.board.cleared == ["frozen"]
+    assert seen[-1] == [(nodes["beating"], None)]  # a board without progress records: liveness as before
     executor.board.beats["elsewhere"] = (1, "n2", 13, "gone-host")  # its node is no longer alive
     executor.check()
     assert executor.lost[-1].node == nodes["elsewhere"] and "left the cluster" in executor.lost[-1].error

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,8 +31,9 @@ from rd3core.config import Problem
 
 from . import failures
 from ..analysis.commands import summarise
+from .jobprogress import run_file, write_run_file
 from ..study.expand import Cell, expand
-from .plan import assign_resources, build_plan
+from .plan import Node, assign_resources, build_plan
 from .recorder import Announcing, Recorder
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
 from ..study.spec import Study, StudyError, load_study, render
@@ -207,9 +209,23 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
     recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
     built: Counter[str] = Counter()
     jobs: list[dict] = []
+    progress_file = run_file(options.out, study.name)
+
+    def on_progress(running: list[tuple[Node, dict | None]]) -> None:
+        """Where the running jobs are: the display, the cells' epoch rows, the file `status` reads."""
+        progress.jobs([(node.id, node.stage, node.key, record) for node, record in running])
+        recorder.epochs([(node, record.get("rows", [])) for node, record in running
+                         if record is not None and record.get("stage") == node.stage == "posteval"
+                         and record.get("unit") == "epoch"])
+        try:
+            write_run_file(progress_file, {**progress.snapshot(), "updated": time.time(), "pid": os.getpid(),
+                                           "host": socket.gethostname()})
+        except OSError as exc:  # a full disk stops the file, not the run
+            print(f"warning: could not write {progress_file}: {exc}", file=sys.stderr)
 
     def on_outcome(outcome: Outcome) -> None:
         node = outcome.node
+        progress.job_done(node.id)
         if outcome.wall_s is not None:
             jobs.append({"stage": node.stage, "key": node.key, "ok": outcome.failure is None,
                          "wall_s": outcome.wall_s, **outcome.job})
@@ -252,6 +268,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
                                 options.num_gpus if options.num_gpus is not None else limits.max_gpus,
                                 heartbeat_s=options.heartbeat_s))
         executor.on_tick = recorder.heartbeat
+        executor.on_progress = on_progress  # Ray: read with the beats; in-process: as the job writes them
         slots = executor.slots()
         t_ready = time.perf_counter()
         execute(plan, Announcing(executor, recorder.submitted), limits, on_outcome, options.max_retries)
@@ -263,6 +280,7 @@ def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[
         raise exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT) from None
     finally:
         progress.close()
+        progress_file.unlink(missing_ok=True)  # `status` then reads the database alone
         if executor is not None:
             executor.close()
         recorder.close("the driver stopped before this attempt finished")

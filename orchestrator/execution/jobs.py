@@ -37,7 +37,7 @@ from rd3core.artifacts import MANIFEST, ArtifactStore
 from rd3core.checkpoint import Checkpoint
 from rd3core.config import build
 from rd3core.data import HELDOUT_SEED, Dataset, carve_heldout, load_dataset
-from rd3core.loop import Runtime
+from rd3core.loop import ProgressFn, Runtime
 from rd3core.pipeline import TeacherSpec, build_model, make_stored_labels, posteval, train_teacher
 from rd3core.protocol import Protocol
 from rd3core.stored_labels import StoredLabels
@@ -71,6 +71,7 @@ class Context:
     built: list[dict] = field(default_factory=list)  # every stage this job (re)built
     checkpoint_every: float | None = None  # seconds between checkpoints of a long loop; None or 0: none
     resumed: list[dict] = field(default_factory=list)  # every stage this job resumed from a checkpoint
+    report: Callable[[str], ProgressFn] | None = None  # stage -> where its loops report (worker.Reporter)
 
     def checkpoint(self, stage: str, key: str) -> Checkpoint | None:
         """The hook the stage's long loop saves to and resumes from (None: checkpoints off)."""
@@ -89,6 +90,10 @@ class Context:
         elif checkpoint.ignored is not None:
             print(f"checkpoint of {stage} {key} not resumed from: {checkpoint.ignored}", file=sys.stderr)
         return {"checkpoint_saves": checkpoint.saves, "checkpoint_s": checkpoint.save_s}
+
+    def progress(self, stage: str) -> ProgressFn | None:
+        """The progress callback for ``stage``'s loops; None when nobody listens."""
+        return self.report(stage) if self.report is not None else None
 
 
 # payload, checkpoint hook (None: none) -> (state to store, manifest meta)
@@ -195,7 +200,7 @@ def make_teacher(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> 
     if spec.loaded:
         result, source = load_pretrained(dataset, spec, ctx.runtime, payload["source"].get("sha256"))
     else:
-        result = train_teacher(dataset, spec, ctx.runtime, checkpoint)
+        result = train_teacher(dataset, spec, ctx.runtime, checkpoint, ctx.progress("teacher"))
     network = network_of(result.model)
     state = {"state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}
     meta = {"metrics": result.metrics, "timing": result.timing, "dataset": dataset.record}
@@ -208,7 +213,8 @@ def make_synth(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> tu
     method = METHODS.get(payload["method"]["name"])
     params = build(method.params, {k: v for k, v in payload["method"].items() if k != "name"})
     teacher = load_teacher(ctx, payload["teacher"]) if payload.get("teacher") else None
-    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime, checkpoint)
+    distilled = synthesize(method.name, dataset, teacher, params, payload["seed"], ctx.runtime, checkpoint,
+                           ctx.progress("synth"))
     return distilled.state(), distilled.meta
 
 
@@ -220,7 +226,7 @@ def make_labels(ctx: Context, payload: dict, checkpoint: Checkpoint | None) -> t
     distilled = DistilledSet.from_state(ensure(ctx, payload["synth"]))
     teachers = {arch: load_teacher(ctx, ref) for arch, ref in payload["teachers"].items()}
     stored = make_stored_labels(distilled, dataset, build(Protocol, payload["protocol"]), teachers,
-                                payload["seed"], ctx.runtime, payload.get("ipc"))
+                                payload["seed"], ctx.runtime, payload.get("ipc"), ctx.progress("labels"))
     return stored.state(), stored.meta
 
 
@@ -255,13 +261,15 @@ def environment() -> dict[str, Any]:
 
 
 def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
-             runtime: Runtime | None = None, checkpoint_every: float | None = None) -> dict[str, Any]:
+             runtime: Runtime | None = None, checkpoint_every: float | None = None,
+             report: Callable[[str], ProgressFn] | None = None) -> dict[str, Any]:
     """Execute one node; returns plain data for the driver. ``built`` lists every
     stage actually computed (empty when the artifact was already in the store),
-    ``resumed`` every stage resumed from a checkpoint."""
+    ``resumed`` every stage resumed from a checkpoint. ``report``: stage -> the
+    progress callback its loops report to."""
     torch.set_num_threads(max(1, int(threads)))  # same thread count in every executor: same numbers
     runtime = runtime or Runtime.auto()
-    ctx = Context(ArtifactStore(store_root), runtime, checkpoint_every=checkpoint_every)
+    ctx = Context(ArtifactStore(store_root), runtime, checkpoint_every=checkpoint_every, report=report)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"stage": stage, "key": key, "env": environment(), "runtime": runtime.__dict__,
                            "started_at": datetime.now(timezone.utc).isoformat()}
@@ -275,7 +283,7 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         stored = StoredLabels.from_state(ensure(ctx, payload["labels"])) if payload.get("labels") else None
         checkpoint = ctx.checkpoint(stage, key)
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
-                          stored=stored, checkpoint=checkpoint)
+                          stored=stored, checkpoint=checkpoint, progress=ctx.progress("posteval"))
         out["checkpoint"] = ctx.finished(stage, key, checkpoint)
         out.update(result)
         out["synth_meta"] = distilled.meta

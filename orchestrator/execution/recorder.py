@@ -65,7 +65,8 @@ def provenance_fields(checkout: dict[str, Any], result: dict[str, Any] | None, s
 
 class Recorder:
     """The driver's writes for one run, keyed by plan node: ``submitted`` when a
-    job is handed to the executor, ``heartbeat`` while jobs run, ``stage_done``
+    job is handed to the executor, ``heartbeat`` while jobs run, ``epochs`` as
+    running post-evaluations report epochs, ``stage_done``
     / ``cell_done`` / ``cell_failed`` as outcomes arrive (a retried job's
     failure too: its next run is a new attempt), ``close`` when the run ends."""
 
@@ -75,6 +76,7 @@ class Recorder:
         self.cell_ids, self.seeds = cell_ids, seeds
         self.checkout = checkout_state()
         self.attempts: dict[str, int] = {}  # cell key -> its attempt in flight
+        self.epochs_written: dict[int, int] = {}  # attempt -> the last epoch row written while it ran
         self.conn = engine.connect()  # closed by close()
         self.used_at = time.monotonic()
         # (stage, key) -> artifact row id, once committed: a distilled set or
@@ -108,6 +110,27 @@ class Recorder:
         if alive:
             with self.transaction() as s:
                 records.heartbeats(s, alive)
+
+    def epochs(self, running: list[tuple[Node, list[dict]]]) -> None:
+        """Post-evaluations' epoch rows reported so far (each its latest rows,
+        jobprogress.Reporter): those not written yet, in one transaction for
+        all. A row that never arrives (more epochs between two checks than a
+        record carries) comes with the full history at the cell's end."""
+        new = []
+        for node, rows in running:
+            attempt = self.attempts.get(node.key)
+            if node.stage != "posteval" or attempt is None:
+                continue
+            fresh = [r for r in rows if "epoch" in r and r["epoch"] > self.epochs_written.get(attempt, 0)]
+            if fresh:
+                new.append((self.cell_ids[node.key], attempt, fresh))
+        if not new:
+            return
+        with self.transaction() as s:
+            for cell_id, attempt, fresh in new:
+                records.record_epochs(s, cell_id, attempt, fresh)
+        for _, attempt, fresh in new:
+            self.epochs_written[attempt] = max(int(r["epoch"]) for r in fresh)
 
     def stage_done(self, node: Node) -> None:
         with self.transaction() as s:

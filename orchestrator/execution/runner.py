@@ -24,6 +24,7 @@ transient ``WorkerLost`` failure.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -75,7 +76,9 @@ def _job_args(node: Node, store_root: str, resources: Resources) -> tuple:
 
 class LocalExecutor:
     """Runs each job in the driver process, one at a time, when asked for the
-    next result. No heartbeats: a job that dies takes the driver with it."""
+    next result. No heartbeats: a job that dies takes the driver with it. Its
+    progress records go straight to ``on_progress`` (in the job's thread,
+    which is the driver's) as the job's Reporter writes them."""
 
     name = "local"
 
@@ -83,6 +86,7 @@ class LocalExecutor:
         self.store_root = store_root
         self.queue: deque[tuple[Node, Resources]] = deque()
         self.on_tick: Callable[[list[Node]], None] | None = None
+        self.on_progress: Callable[[list[tuple[Node, dict | None]]], None] | None = None
 
     def submit(self, node: Node, resources: Resources) -> None:
         self.queue.append((node, resources))
@@ -95,8 +99,9 @@ class LocalExecutor:
 
         node, resources = self.queue.popleft()
         threads = torch.get_num_threads()
+        relay = _Relay(node, self.on_progress) if self.on_progress is not None else None
         try:
-            return outcome_of(node, run_job(*_job_args(node, self.store_root, resources)))
+            return outcome_of(node, run_job(*_job_args(node, self.store_root, resources), report_to=relay))
         finally:
             torch.set_num_threads(threads)
 
@@ -111,6 +116,17 @@ class LocalExecutor:
         self.queue.clear()
 
 
+@dataclass(frozen=True)
+class _Relay:
+    """The in-process executor's board for one job: its progress records, as written."""
+
+    node: Node
+    on_progress: Callable[[list[tuple[Node, dict | None]]], None]
+
+    def report(self, token: str, record: str) -> None:
+        self.on_progress([(self.node, json.loads(record))])
+
+
 class RayExecutor:
     """Ray tasks. Starts an embedded local instance (orchestrator.execution.localray:
     loopback, only the processes a one-machine run uses, temp files outside the
@@ -119,7 +135,9 @@ class RayExecutor:
 
     While waiting for results it checks every ``heartbeat_s`` seconds which
     running jobs still beat, calls ``on_tick`` with their nodes (the driver
-    records the heartbeats), and turns lost jobs into failures."""
+    records the heartbeats) and ``on_progress`` with each of them and its
+    latest progress record (None before its first; orchestrator.execution.jobprogress),
+    and turns lost jobs into failures."""
 
     name = "ray"
 
@@ -157,6 +175,7 @@ class RayExecutor:
         self.lost: deque[Outcome] = deque()
         self.heartbeat_s = heartbeat_s
         self.on_tick: Callable[[list[Node]], None] | None = None
+        self.on_progress: Callable[[list[tuple[Node, dict | None]]], None] | None = None
         self.serial = itertools.count()
         self.next_check = time.monotonic() + heartbeat_s
         # Beside the artifact store (store_root = OUT/artifacts): a folder the cluster shares already.
@@ -219,8 +238,12 @@ class RayExecutor:
         except Exception as exc:  # noqa: BLE001 - skip this round; Ray reports dead workers on its own
             print(f"warning: heartbeat check failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
+        try:
+            records = self.board.progress()
+        except Exception:  # noqa: BLE001 - progress is for watching: liveness goes on without it
+            records = {}
         now = time.monotonic()
-        running, gone = [], []
+        running, gone, where = [], [], []
         for ref, (node, token) in list(self.pending.items()):
             if token not in beats:
                 continue  # still queued: no judgement before its first beat
@@ -235,6 +258,7 @@ class RayExecutor:
                 reason = f"no heartbeat for {age:.0f} s from pid {pid} on {host}"
             else:
                 running.append(node)
+                where.append((node, records.get(token)))
                 continue
             try:
                 self.ray.cancel(ref, force=True)  # frees its resources once Ray has killed the worker
@@ -249,6 +273,8 @@ class RayExecutor:
             self._clear(gone)  # a lost job cannot clear its own key
         if self.on_tick is not None:
             self.on_tick(running)
+        if self.on_progress is not None:
+            self.on_progress(where)
 
     def _clear(self, tokens: list[str] | None = None) -> None:
         """Drop board keys: of ``tokens``, else of the whole run."""

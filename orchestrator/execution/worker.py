@@ -10,6 +10,13 @@ returned as data.
   beats stop (its process is frozen, its machine gone or cut off) or its node
   leaves the cluster; Ray alone reports a worker that *died*, not one that
   stopped answering.
+- Progress: the job's loops (teacher epochs, synthesis iterations, stored-label
+  batches, post-evaluation epochs) report to a :class:`Reporter`, which writes
+  a small JSON record to a sibling key of the job's beat on the same board, at
+  most once a second (and at each loop's start and end). The driver reads it
+  with the beats: the display's per-job fraction and ETA, the cell's epoch rows
+  written as they arrive. A record is only ever read, never needed: liveness
+  is the beats' alone.
 - Memory: a job with ``resources.memory`` and no GPU runs under an address-space
   cap (RLIMIT_AS) of that many bytes above what its process had mapped when the
   job started; allocations past it fail inside the job (a clean, recorded
@@ -26,6 +33,7 @@ start before its worker's first ``import torch`` (seconds on a small machine).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import resource
 import shutil
@@ -35,13 +43,15 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from . import failures
+from .jobprogress import Reporter
 
 
 NAMESPACE = b"rd3-heartbeats"
+PROGRESS_NAMESPACE = b"rd3-progress"  # the jobs' progress records, keyed as their beats
 BOARD_ENV = "RD3_HEARTBEATS"  # "files": heartbeats through files even where the key-value store works
 
 
@@ -81,17 +91,26 @@ class Board:
         internal_kv._internal_kv_put(self.key(token), f"{count} {node} {pid} {host}", overwrite=True,
                                      namespace=NAMESPACE)
 
+    def report(self, token: str, record: str) -> None:
+        """Rewrite the job's progress record (JSON text, see :class:`Reporter`)."""
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key(token), record, overwrite=True, namespace=PROGRESS_NAMESPACE)
+
     def clear(self, tokens: list[str]) -> None:
+        """Drop the jobs' beats and progress records."""
         from ray.experimental import internal_kv
 
         for token in tokens:
-            internal_kv._internal_kv_del(self.key(token), namespace=NAMESPACE)
+            for namespace in (NAMESPACE, PROGRESS_NAMESPACE):
+                internal_kv._internal_kv_del(self.key(token), namespace=namespace)
 
     def clear_run(self) -> None:
         """Drop every key of the run (those of jobs that were cancelled or lost)."""
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)
+        for namespace in (NAMESPACE, PROGRESS_NAMESPACE):
+            internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=namespace)
 
     def read(self) -> dict[str, tuple[int, str, int, str]]:
         """token -> (beat count, node id, pid, host) of every job that has beaten
@@ -103,11 +122,23 @@ class Board:
         return {key[len(prefix):].decode(): _parse_beat(value.decode())
                 for key, value in (gcs.internal_kv_multi_get(keys, NAMESPACE) if keys else {}).items()}
 
+    def progress(self) -> dict[str, dict]:
+        """token -> the latest progress record of every job that has reported one."""
+        from ray.experimental import internal_kv
+
+        gcs, prefix = internal_kv.internal_kv_get_gcs_client(), self.prefix
+        keys = gcs.internal_kv_keys(prefix, PROGRESS_NAMESPACE)
+        found = gcs.internal_kv_multi_get(keys, PROGRESS_NAMESPACE) if keys else {}
+        return {key[len(prefix):].decode(): record for key, value in found.items()
+                if (record := _parse_record(value.decode())) is not None}
+
 
 @dataclass(frozen=True)
 class FileBoard:
     """The same board as files: ``<folder>/<run>/<token>``, one per running job,
-    each beat an atomic rewrite (temporary file + ``os.replace``). Plain POSIX,
+    each beat an atomic rewrite (temporary file + ``os.replace``); progress
+    records likewise in ``<folder>/<run>.progress/<token>`` (a sibling folder:
+    readers of the beats see only beats). Plain POSIX,
     so it works under any Ray release and over a Ray Client (``ray://``)
     connection, whose driver has no GCS client; it needs what the artifact store
     already needs, a folder every worker and the driver share (``--out``)."""
@@ -119,42 +150,71 @@ class FileBoard:
     def path(self) -> str:
         return os.path.join(self.folder, self.run)
 
-    def file(self, token: str) -> str:
-        return os.path.join(self.path, quote(token, safe=""))
+    @property
+    def progress_path(self) -> str:
+        return self.path + ".progress"
+
+    def file(self, token: str, folder: str | None = None) -> str:
+        return os.path.join(folder or self.path, quote(token, safe=""))
 
     def beat(self, token: str, count: int, node: str, pid: int, host: str) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        target = self.file(token)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(f"{count} {node} {pid} {host}")
-        os.replace(tmp, target)
+        _write_atomically(self.path, self.file(token), f"{count} {node} {pid} {host}")
+
+    def report(self, token: str, record: str) -> None:
+        _write_atomically(self.progress_path, self.file(token, self.progress_path), record)
 
     def clear(self, tokens: list[str]) -> None:
         for token in tokens:
-            try:
-                os.unlink(self.file(token))
-            except FileNotFoundError:
-                pass
+            for folder in (self.path, self.progress_path):
+                try:
+                    os.unlink(self.file(token, folder))
+                except FileNotFoundError:
+                    pass
 
     def clear_run(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.progress_path, ignore_errors=True)
 
     def read(self) -> dict[str, tuple[int, str, int, str]]:
-        out = {}
-        try:
-            names = os.listdir(self.path)
-        except FileNotFoundError:
-            return out
-        for name in names:
-            if name.endswith(".tmp"):
-                continue
-            try:
-                with open(os.path.join(self.path, name)) as fh:
-                    out[unquote(name)] = _parse_beat(fh.read())
-            except (FileNotFoundError, ValueError):  # cleared, or caught between create and write
-                continue
+        return _read_folder(self.path, _parse_beat)
+
+    def progress(self) -> dict[str, dict]:
+        return {token: record for token, record in _read_folder(self.progress_path, _parse_record).items()
+                if record is not None}
+
+
+def _write_atomically(folder: str, target: str, text: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, target)
+
+
+def _read_folder(folder: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """token -> parse(text) of every file in ``folder`` (none when it does not exist)."""
+    out = {}
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
         return out
+    for name in names:
+        if name.endswith(".tmp"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as fh:
+                out[unquote(name)] = parse(fh.read())
+        except (FileNotFoundError, ValueError):  # cleared, or caught between create and write
+            continue
+    return out
+
+
+def _parse_record(text: str) -> dict | None:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def choose_board(ray, run: str, folder: str, address: str | None, tested: bool) -> tuple[Board | FileBoard, str | None]:
@@ -258,19 +318,24 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def run_job(stage: str, key: str, payload: dict, store_root: str, threads: int, memory: int | None = None,
             gpus: float = 0.0, checkpoint_every: float | None = None, board: Board | FileBoard | None = None,
-            token: str = "", period: float = 5.0) -> dict[str, Any]:
+            token: str = "", period: float = 5.0, report_to=None) -> dict[str, Any]:
     """Run one plan node (orchestrator.execution.jobs.run_node) under the wrapping above,
     checkpointing every ``checkpoint_every`` seconds (None or 0: never).
     Returns the job's result, or ``{"failure": {...}, "wall_s": ...}``; both
-    with ``job`` = when (epoch seconds) and in which process it ran."""
+    with ``job`` = when (epoch seconds) and in which process it ran.
+    ``report_to``: where the job's progress records go when it has no board (an
+    object with ``report(token, record)``: the in-process executor's relay)."""
     t0, started = time.perf_counter(), time.time()
     with heartbeat(board, token, period):
         from .jobs import run_node  # here, not at import: see the module docstring
 
         limit = memory if memory and not gpus else None
+        reports = board if board is not None else report_to
+        report = Reporter(reports, token).stage if reports is not None else None
         try:
             with memory_limit(limit):
-                out = run_node(stage, key, payload, store_root, threads, checkpoint_every=checkpoint_every)
+                out = run_node(stage, key, payload, store_root, threads, checkpoint_every=checkpoint_every,
+                               report=report)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, classified by failures
             failure = failures.from_exception(exc, traceback.format_exc())
             if limit and _out_of_memory(exc):

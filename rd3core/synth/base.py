@@ -13,7 +13,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..config import to_dict
 from ..data import Dataset, DatasetInfo
-from ..loop import Runtime
+from ..loop import ProgressFn, Runtime
 from ..registry import Registry
 
 
@@ -74,9 +74,11 @@ class Method:
     # subset, the whole real set): the analysis shows it beside the methods,
     # outside their spread and ranks. A study entry's `baseline:` overrides it.
     baseline: bool = False
-    # ``run`` takes a ``checkpoint`` keyword (rd3core.checkpoint) and saves to and
-    # resumes from it; the other methods have no long loop worth saving.
-    resumable: bool = False
+    # ``run`` takes ``checkpoint`` (rd3core.checkpoint) and ``progress``
+    # (rd3core.loop.ProgressFn) keywords: it saves to and resumes from the one and
+    # reports its iterations to the other. The methods whose runs are long (SRe2L,
+    # CDA); the others have no loop worth saving or watching.
+    long_loop: bool = False
 
     def problems(self, params: Any, info: DatasetInfo, teacher_arch: str | None) -> list[tuple[str, str]]:
         return list(self.check(params, info, teacher_arch)) if self.check is not None else []
@@ -87,18 +89,20 @@ METHODS: Registry[Method] = Registry("method")
 
 def register_method(name: str, params: type, *, version: int = 1, needs_teacher: bool = False,
                     key_inputs: KeyInputs = default_key_inputs, check: Check | None = None, baseline: bool = False,
-                    resumable: bool = False):
+                    long_loop: bool = False):
     def deco(fn):
-        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline, resumable))
+        METHODS.add(name, Method(name, params, fn, version, needs_teacher, key_inputs, check, baseline, long_loop))
         return fn
     return deco
 
 
 def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: Any, seed: int,
-               runtime: Runtime = Runtime(), checkpoint: Checkpoint | None = None) -> DistilledSet:
+               runtime: Runtime = Runtime(), checkpoint: Checkpoint | None = None,
+               progress: ProgressFn | None = None) -> DistilledSet:
     """Run a registered method and record what RD3 asks to compare besides
-    accuracy: wall time and the size of what was produced. A resumable method
-    saves to and resumes from ``checkpoint``; the others ignore it."""
+    accuracy: wall time and the size of what was produced. A method with a long
+    loop saves to and resumes from ``checkpoint`` and reports its iterations to
+    ``progress``; the others ignore both."""
     method = METHODS.get(name)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {name!r} needs a teacher")
@@ -106,8 +110,8 @@ def synthesize(name: str, dataset: Dataset, teacher: nn.Module | None, params: A
         teacher = runtime.place(teacher)
     _sync(runtime)
     t0 = time.perf_counter()
-    resume = {"checkpoint": checkpoint} if method.resumable else {}
-    out = method.run(dataset, teacher, params, seed, runtime, **resume)
+    hooks = {"checkpoint": checkpoint, "progress": progress} if method.long_loop else {}
+    out = method.run(dataset, teacher, params, seed, runtime, **hooks)
     _sync(runtime)  # CUDA work is asynchronous: time what was done, not what was queued
     wall = time.perf_counter() - t0
     out.images, out.labels = out.images.cpu(), out.labels.cpu()

@@ -43,6 +43,6 @@ def min_scale(params: CDAParams, t: float) -> float:
     return low + (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@register_method("cda", CDAParams, needs_teacher=True, check=check_bn_teacher, resumable=True)
-def cda(dataset, teacher, params: CDAParams, seed: int, runtime, checkpoint=None) -> DistilledSet:
-    return recover(dataset, teacher, params, seed, runtime, lambda t: min_scale(params, t), checkpoint)[0]
+@register_method("cda", CDAParams, needs_teacher=True, check=check_bn_teacher, long_loop=True)
+def cda(dataset, teacher, params: CDAParams, seed: int, runtime, checkpoint=None, progress=None) -> DistilledSet:
+    return recover(dataset, teacher, params, seed, runtime, lambda t: min_scale(params, t), checkpoint, progress)[0]

@@ -29,6 +29,7 @@ from .. import augment as aug
 from ..checkpoint import Checkpoint
 from ..config import bounded
 from ..data import Dataset, DatasetInfo, as_float
+from ..loop import ProgressFn
 from ..seeding import generator
 from .base import DistilledSet, register_method, store_images
 from .random_real import class_balanced_indices
@@ -146,13 +147,14 @@ MinScale = Callable[[float], float]  # fraction of iterations done -> crop minim
 
 
 def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int, runtime,
-            min_scale_at: MinScale | None = None,
-            checkpoint: Checkpoint | None = None) -> tuple[DistilledSet, dict]:
+            min_scale_at: MinScale | None = None, checkpoint: Checkpoint | None = None,
+            progress: ProgressFn | None = None) -> tuple[DistilledSet, dict]:
     """Run the recover loop; returns the distilled set and a trace of the first
     batch (the crop minimum scale and mean crop area of every iteration).
     With ``checkpoint`` (rd3core.checkpoint) the batch being optimised, its
     optimiser and generator and the batches done are saved after an iteration
-    whenever due, and resumed from at the start."""
+    whenever due, and resumed from at the start. ``progress`` hears of every
+    iteration of every batch, with its loss."""
     info = dataset.info
     device = runtime.device
     setting = resolve(params, info)
@@ -167,6 +169,9 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
     if saved is not None:
         out[:saved["done"]] = saved["out"]
         trace = saved["trace"]
+    total = math.ceil(len(labels) / params.batch_size) * steps
+    if progress is not None:  # from where a resumed run starts, so its ETA is timed from here
+        progress(saved["batch"] * steps + saved["iteration"] if saved is not None else 0, total, "iteration")
     with frozen(teacher), BNMatching(teacher, params.first_bn_weight) as bn:
         bn_init = _mean_bn_loss(teacher, bn, x0, params.batch_size, device)
         for b, start in enumerate(range(0, len(labels), params.batch_size)):
@@ -206,6 +211,8 @@ def recover(dataset: Dataset, teacher: nn.Module, params: SRe2LParams, seed: int
                 opt.step()
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                if progress is not None:  # the loss as a tensor: no host sync unless it is reported
+                    progress(b * steps + it + 1, total, "iteration", loss=loss.detach())
                 if checkpoint is not None and checkpoint.due():
                     checkpoint.save({"batch": b, "iteration": it + 1, "x": x.detach().cpu(), "opt": opt.state_dict(),
                                      "gen": gen.get_state(), "done": start, "out": out[:start].clone(),
@@ -231,6 +238,7 @@ def _mean_bn_loss(teacher: nn.Module, bn: BNMatching, x: torch.Tensor, batch_siz
     return sum(values) / len(values)
 
 
-@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher, resumable=True)
-def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime, checkpoint=None) -> DistilledSet:
-    return recover(dataset, teacher, params, seed, runtime, checkpoint=checkpoint)[0]
+@register_method("sre2l", SRe2LParams, needs_teacher=True, check=check_bn_teacher, long_loop=True)
+def sre2l(dataset, teacher, params: SRe2LParams, seed: int, runtime, checkpoint: Checkpoint | None = None,
+          progress: ProgressFn | None = None) -> DistilledSet:
+    return recover(dataset, teacher, params, seed, runtime, checkpoint=checkpoint, progress=progress)[0]
