@@ -207,3 +207,25 @@ def test_a_job_resumes_its_stage_from_the_store_and_removes_the_checkpoint(tmp_p
     assert out["resumed"] == [{"stage": "teacher", "key": node.key, "at": "epoch 2"}]
     assert list(resumed.checkpoints()) == []
     assert_same_tensors(plain.load("teacher", node.key)["state_dict"], resumed.load("teacher", node.key)["state_dict"])
+
+
+def test_a_resumed_loop_reports_progress_from_where_it_resumed(digits, bn_teacher):
+    """The first progress call of a resumed run is its resume point, so the ETA
+    is timed over what is left, not over the whole run."""
+    spec = build(TeacherSpec, TEACHER)
+    store = MemoryStore(kill_after=2)
+    with pytest.raises(Killed):
+        train_teacher(digits, spec, checkpoint=Checkpoint(store, EVERY_BOUNDARY))
+    calls = []
+    train_teacher(digits, spec, checkpoint=Checkpoint(store, EVERY_BOUNDARY),
+                  progress=lambda done, total, unit, **_: calls.append((done, total, unit)))
+    assert calls == [(2, 4, "epoch"), (3, 4, "epoch"), (4, 4, "epoch")]
+
+    params = build(METHODS.get("sre2l").params, {"ipc": 2, "iterations": 3, "batch_size": 10})
+    store = MemoryStore(kill_after=4)  # batch 2 (of 2), iteration 1 (of 3)
+    with pytest.raises(Killed):
+        synthesize("sre2l", digits, bn_teacher, params, 0, checkpoint=Checkpoint(store, EVERY_BOUNDARY))
+    calls = []
+    synthesize("sre2l", digits, bn_teacher, params, 0, checkpoint=Checkpoint(store, EVERY_BOUNDARY),
+               progress=lambda done, total, unit, **_: calls.append(done))
+    assert calls == [4, 5, 6]
