@@ -185,9 +185,11 @@ def main(argv=None) -> dict:
               f"~{human(wall_by_stage[stage])} wall")
     print(f"  total: {human(total)} of job time, ~{human(wall)} wall on this machine (network compute only: "
           f"data loading, augmentation, Ray's start and host work are not counted)")
-    figures = {"study": study.name, "cells": len(cells), "job_hours": round(total / 3600, 3),
-               "wall_hours": round(wall / 3600, 3), "slots": args.cpus,
-               "per_stage_hours": {k: round(v / 3600, 3) for k, v in per_stage.items()}, "device": device}
+    def hours(seconds: float) -> float:  # 4 significant digits: a stage of seconds is not 0.0 hours
+        return float(f"{seconds / 3600:.4g}")
+
+    figures = {"study": study.name, "cells": len(cells), "job_hours": hours(total), "wall_hours": hours(wall),
+               "slots": args.cpus, "per_stage_hours": {k: hours(v) for k, v in per_stage.items()}, "device": device}
     print(json.dumps(figures))
     return figures
 
