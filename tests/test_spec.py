@@ -1,12 +1,12 @@
 """The study's resources block, how it reaches the executors, and problems
 reported together."""
-import copy
 import textwrap
 from collections import deque
 
 import pytest
 import yaml
 
+import plaintree
 from orchestrator.study.expand import expand
 from orchestrator.execution.plan import Node, Plan, assign_resources, build_plan
 from orchestrator.study.resources import Resources, ResourcesSpec, parse_memory
@@ -202,30 +202,12 @@ FULL = {"name": "f", "dataset": {"name": "digits"},
 ODD = [None, [], {}, -1, 1.5, "x", [None], [{}], {"a": 1}, True, "native", [[1]]]
 
 
-def _paths(data, path=()):
-    yield path
-    children = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in children:
-        yield from _paths(value, path + (key,))
-
-
-def _set(data, path, value):
-    if not path:
-        return value
-    data = copy.deepcopy(data)
-    node = data
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
-    return data
-
-
 def test_any_odd_value_anywhere_is_a_study_error_not_a_crash(tmp_path):
     assert len(expand(load_study(tmp_path / "f.yaml", yaml.safe_dump(FULL)))) > 0  # the base is valid
     crashes = []
-    for path in _paths(FULL):
+    for path in plaintree.paths(FULL):
         for odd in ODD:
-            text = yaml.safe_dump(_set(FULL, path, odd))
+            text = yaml.safe_dump(plaintree.replaced(FULL, path, odd))
             try:
                 expand(load_study(tmp_path / "f.yaml", text))
             except StudyError:

@@ -22,6 +22,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
+import plaintree
 from conftest import ROOT
 from orchestrator.cli import main
 from orchestrator.study import yamlsrc
@@ -153,32 +154,6 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     max_leaves=12)
 
 
-def _paths(data, prefix=()):
-    """Every location in the plain data: (path tuple, is_leaf)."""
-    yield prefix, not isinstance(data, (dict, list))
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in items:
-        yield from _paths(value, prefix + (key,))
-
-
-def _replace(data, path, value):
-    if not path:
-        return value
-    head, rest = path[0], path[1:]
-    if isinstance(data, dict):
-        return {**data, head: _replace(data[head], rest, value)}
-    return [_replace(v, rest, value) if i == head else v for i, v in enumerate(data)]
-
-
-def _delete(data, path):
-    head, rest = path[0], path[1:]
-    if rest:
-        return _replace(data, (head,), _delete(data[head], rest))
-    if isinstance(data, dict):
-        return {k: v for k, v in data.items() if k != head}
-    return [v for i, v in enumerate(data) if i != head]
-
-
 def _dump(data) -> bytes:
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=1000).encode("utf-8", "surrogatepass")
 
@@ -188,21 +163,19 @@ def _dump(data) -> bytes:
        action=st.sampled_from(["replace", "replace", "delete", "rename"]))
 def test_yaml_level_mutations(name, pick, value, action):
     data = yaml.safe_load(TEXTS[name])
-    paths = [p for p, _ in _paths(data) if p]
-    path = paths[min(int(pick * len(paths)), len(paths) - 1)]
+    places = [p for p in plaintree.paths(data) if p]
+    path = places[min(int(pick * len(places)), len(places) - 1)]
     if action == "replace":
-        data = _replace(data, path, value)
+        data = plaintree.replaced(data, path, value)
     elif action == "delete":
-        data = _delete(data, path)
+        data = plaintree.deleted(data, path)
     else:  # a mapping key changed to whatever the value is (hashable scalars only)
         key = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
         parent = path[:-1]
-        node = data
-        for part in parent:
-            node = node[part]
+        node = plaintree.at(data, parent)
         if isinstance(node, dict):
             renamed = {(key if k == path[-1] else k): v for k, v in node.items()}
-            data = _replace(data, parent, renamed)
+            data = plaintree.replaced(data, parent, renamed)
     event(check(_dump(data)))
 
 
@@ -212,9 +185,9 @@ def test_value_level_mutations(name, pick, value):
     """A leaf value of a shipped study replaced by any scalar: accepted, or
     refused with the line and the key path of what is wrong."""
     data = yaml.safe_load(TEXTS[name])
-    leaves = [p for p, leaf in _paths(data) if p and leaf]
+    leaves = [p for p in plaintree.leaf_paths(data) if p]
     path = leaves[min(int(pick * len(leaves)), len(leaves) - 1)]
-    event(check(_dump(_replace(data, path, value)), value_level=True))
+    event(check(_dump(plaintree.replaced(data, path, value)), value_level=True))
 
 
 # -- the known hazards, each once -------------------------------------------------------------
