@@ -221,6 +221,7 @@ def test_named_hazards_are_refused_with_the_limit_named(payload, says):
         study.write_bytes(payload)
         rc, _, err = _cli("validate", str(study))
     assert rc == 2 and says in err, err[:500]
+    assert all(line.count(str(study)) == 1 for line in err.splitlines()), err[:500]  # one message, not wrapped
     assert check(payload) == "refused"
 
 

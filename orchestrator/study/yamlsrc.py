@@ -159,9 +159,7 @@ def load(path: str | Path, text: str | None = None) -> Source:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         shape = _shape_problem(node) if node is not None else None
-        if shape is not None:
-            raise YamlSyntaxError(path, shape[0].start_mark.line + 1, f"YAML error: {shape[1]}")
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader) if shape is None else None
     except yaml.MarkedYAMLError as exc:
         raise YamlSyntaxError(path, *_located(exc, text)) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow, at a position in the text
@@ -174,6 +172,8 @@ def load(path: str | Path, text: str | None = None) -> Source:
     except RecursionError:  # PyYAML's parser recurses once per level of nesting
         raise YamlSyntaxError(path, None, f"YAML error: expected at most {MAX_DEPTH} levels of nesting, "
                                           "got more") from None
+    if shape is not None:  # raised here: inside the try the ValueError handler would wrap it again
+        raise YamlSyntaxError(path, shape[0].start_mark.line + 1, f"YAML error: {shape[1]}")
     lines: dict[str, int] = {}
     if node is not None:
         _walk(node, "", lines)
