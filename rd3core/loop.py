@@ -375,6 +375,9 @@ def _metrics(history: list[dict], protocol: Protocol, has_heldout: bool) -> dict
     counted = [r for r in evaluated if r["epoch"] > protocol.eval.best_after_fraction * protocol.epochs]
     if protocol.eval.record_best_on_test and counted:
         metrics["top1_best_on_test"] = max(r["test_top1"] for r in counted)
+    on_heldout = [r for r in history if "heldout_top1" in r]
+    if on_heldout:  # the last evaluated epoch's: what a search without the test split compares
+        metrics["heldout_top1"] = on_heldout[-1]["heldout_top1"]
     if has_heldout and evaluated:
         best = max(evaluated, key=lambda r: (r["heldout_top1"], r["epoch"]))
         metrics["top1_heldout_selected"] = best["test_top1"]

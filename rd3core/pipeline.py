@@ -104,7 +104,8 @@ def check_stored(stored: StoredLabels, distilled: DistilledSet, dataset: Dataset
 def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teachers: Mapping[str, nn.Module],
              seed: int, runtime: Runtime = Runtime(), ipc: int | None = None,
              stored: StoredLabels | None = None, on_epoch: Callable[[dict], None] | None = None,
-             checkpoint: Checkpoint | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
+             checkpoint: Checkpoint | None = None, progress: ProgressFn | None = None,
+             with_test: bool = True) -> dict[str, Any]:
     """Train a fresh student on ``distilled`` under ``protocol``; returns the
     metrics (``top1`` = final-epoch test accuracy), per-epoch history, timing
     (by phase) and the size of the soft labels a user must store to rerun it
@@ -121,10 +122,15 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     on it. The student's training saves to and resumes from ``checkpoint``
     (rd3core.checkpoint), when given. ``progress`` hears of a stored-label
     precompute done here (batches), then of the training (epochs).
+    ``with_test=False`` (a tuning trial) never evaluates on the test split:
+    the metrics are the held-out ones alone, and a held-out split is required.
     """
     t0 = time.perf_counter()
     batch_size = resolve_batch_size(protocol, distilled, dataset, ipc)
     heldout, heldout_info = dataset.heldout, {}
+    if heldout is None and not with_test:
+        raise ValueError(f"dataset {dataset.info.name!r}: a post-evaluation without the test split selects on a "
+                         "held-out split, and this dataset has none (rd3core.data.carve_heldout)")
     if heldout is not None:
         if not protocol.eval.interval:  # the final epoch alone leaves nothing to select
             raise ValueError(f"dataset {dataset.info.name!r} has a held-out split: selecting an epoch on it needs "
@@ -152,7 +158,8 @@ def posteval(distilled: DistilledSet, dataset: Dataset, protocol: Protocol, teac
     student = build_model(protocol.student, dataset, seed)
     setup_s = time.perf_counter() - t0
     result = train(student, Split(distilled.images, distilled.labels), dataset.info, protocol, labeler,
-                   batch_size=batch_size, seed=seed, runtime=runtime, test=dataset.test.to(runtime.device),
+                   batch_size=batch_size, seed=seed, runtime=runtime,
+                   test=dataset.test.to(runtime.device) if with_test else None,
                    heldout=heldout.to(runtime.device) if heldout is not None else None, on_epoch=on_epoch,
                    checkpoint=checkpoint, progress=progress)
     timing = {"setup_s": setup_s, "labels_setup_s": t_labels, **result.timing}

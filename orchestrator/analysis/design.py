@@ -30,6 +30,7 @@ import pandas as pd
 
 from db.queries import cells_frame, results_frame, study_spec_text
 
+from ..study.tuning import TRIAL
 from .inference import t_interval
 
 METRIC = "top1"  # final-epoch test accuracy: THE result
@@ -198,9 +199,21 @@ class AnalysisError(ValueError):
 
 
 def load_design(engine, study: str) -> Design:
-    cells = cells_frame(engine, study)
+    """The study's cells and results as a Design; a tuned design's search
+    trials (orchestrator.analysis.tuning reads them) are not cells of its comparisons."""
+    cells, results = without_trials(cells_frame(engine, study)), without_trials(results_frame(engine, study))
     labels = level_order(cells[METHOD]) if METHOD in cells else []
-    return make_design(study, results_frame(engine, study), cells, method_info(study_spec_text(engine, study), labels))
+    return make_design(study, results, cells, method_info(study_spec_text(engine, study), labels))
+
+
+def without_trials(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without search trials and the columns only they have (the
+    trial's index and searched values)."""
+    if "protocol" not in frame or not (frame["protocol"] == TRIAL).any():
+        return frame
+    rest = frame[frame["protocol"] != TRIAL]
+    return rest.drop(columns=[c for c in rest.columns if rest[c].isna().all() and frame.loc[
+        frame["protocol"] == TRIAL, c].notna().any()]).reset_index(drop=True)
 
 
 def make_design(study: str, results: pd.DataFrame, cells: pd.DataFrame, info: dict[str, MethodInfo] | None = None

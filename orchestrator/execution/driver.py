@@ -23,6 +23,7 @@ from pathlib import Path
 
 from db import records
 from db.models import CellStatus
+from db.models import Study as StudyRow
 from db.queries import attempts_frame, cell_status
 from db.schema import upgrade
 from db.session import make_engine, results_url, session_scope
@@ -32,9 +33,10 @@ from rd3core.config import Problem
 from . import failures
 from ..analysis.commands import summarise
 from .jobprogress import run_file, write_run_file
-from ..study.expand import Cell, expand
+from ..study.expand import Cell, expand, tuned_cells
 from .plan import Node, assign_resources, build_plan
 from .recorder import Announcing, Recorder
+from .search import SearchRun
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
 from ..study.spec import Study, StudyError, load_study, render
 from ..study.teachers import fetch_hub_weights, uses_hub_weights
@@ -168,6 +170,14 @@ def run_study(path: str | Path, options: RunOptions) -> int:
         ids = records.sync_cells(s, row, [{"cell_key": c.key, "seed": c.seed, "factors": c.factors,
                                            "config": c.config} for c in cells])
         stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
+    if study.spec.design.kind == "tuned":
+        tuned = run_search(study, engine, study_id, store, options)
+        if tuned is None:
+            return 1
+        cells += tuned
+        with session_scope(engine) as s:
+            ids = records.sync_cells(s, s.get(StudyRow, study_id), [
+                {"cell_key": c.key, "seed": c.seed, "factors": c.factors, "config": c.config} for c in tuned])
     todo, skipped = pending_cells(engine, study, cells, options.retry_failed)
     by_key = {c.key: c for c in cells}
     command = command_of(path, options)
@@ -195,6 +205,25 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                         command, options)
         return 1
     return 0
+
+
+def run_search(study: Study, engine, study_id: int, store: ArtifactStore, options: RunOptions) -> list[Cell] | None:
+    """A tuned design's search (orchestrator.execution.search), then the cells of
+    the recipes it chose; None when a method's search did not spend its budget
+    (stopped: a rerun resumes it), so that no method is compared on less tuning."""
+    limits = study.spec.resources
+    searches = SearchRun(study, engine, study_id, store).run(
+        options.address, options.num_cpus or limits.max_cpus,
+        options.num_gpus if options.num_gpus is not None else limits.max_gpus)
+    budget = study.spec.design.tuning.budget.trials
+    short = {label: len(s.trials) for label, s in searches.items() if len(s.trials) != budget}
+    if short:
+        print(f"the search did not spend the same budget for every method ({budget} trials each; "
+              + ", ".join(f"{label}: {n}" for label, n in short.items())
+              + f"): no tuned recipe is run. resume with: {command_of(study.source.path, options)}", file=sys.stderr)
+        return None
+    chosen = {label: (s.chosen["values"], s.chosen["key"]) for label, s in searches.items() if s.chosen}
+    return tuned_cells(study, chosen)
 
 
 def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[str, Cell], engine,

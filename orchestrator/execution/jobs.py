@@ -283,7 +283,8 @@ def run_node(stage: str, key: str, payload: dict, store_root: str, threads: int,
         stored = StoredLabels.from_state(ensure(ctx, payload["labels"])) if payload.get("labels") else None
         checkpoint = ctx.checkpoint(stage, key)
         result = posteval(distilled, dataset, protocol, teachers, payload["seed"], runtime, payload.get("ipc"),
-                          stored=stored, checkpoint=checkpoint, progress=ctx.progress("posteval"))
+                          stored=stored, checkpoint=checkpoint, progress=ctx.progress("posteval"),
+                          with_test=payload.get("test", True))
         out["checkpoint"] = ctx.finished(stage, key, checkpoint)
         out.update(result)
         out["synth_meta"] = distilled.meta

@@ -135,6 +135,8 @@ def build_plan(cells: Iterable[Cell], store: ArtifactStore) -> Plan:
         payload = {"dataset": dataset, "synth": synth.ref(),
                    "teachers": {arch: n.ref() for arch, n in teachers.items()},
                    "protocol": cell.config["protocol"], "seed": cell.seed, "ipc": cell.config["method"].get("ipc")}
+        if "trial" in cell.config:  # a search's trial: selected on the held-out split, never shown the test set
+            payload["test"] = False
         deps = (synth.id, *(n.id for n in teachers.values()))
         if cell.protocol.labels.mode == "stored":
             names = list(cell.protocol.labels.teachers) or [cell.teachers[0].arch]

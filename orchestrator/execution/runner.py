@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -143,33 +144,10 @@ class RayExecutor:
 
     def __init__(self, store_root: str, address: str | None = None, num_cpus: int | None = None,
                  num_gpus: int | None = None, heartbeat_s: float = 5.0):
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            # Embedded instance: loopback only. Ray resolves 127.0.0.1 to the
-            # external address unless "cluster mode" is off, which makes every
-            # server bind to localhost; read at import, so set before importing.
-            # Token auth is for real clusters; nothing else can reach this one.
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
-
-        self.ray = ray
-        self.head = None  # the embedded instance's head node, when this executor started one (localray)
+        self.ray, self.head, self.started = start_ray(address, num_cpus, num_gpus)
         self.store_root = store_root
-        self.started = not ray.is_initialized()
-        if self.started:
-            if address:
-                # Dataset locations given to this driver (run --data, RD3_DATA_*) reach the
-                # cluster's workers too; an embedded instance's workers inherit them.
-                data = {k: v for k, v in os.environ.items() if k.startswith("RD3_DATA_")}
-                ray.init(address=address, logging_level="ERROR", log_to_driver=True,
-                         runtime_env={"env_vars": data} if data else None)
-            else:
-                num_cpus, num_gpus = embedded_size(num_cpus, num_gpus)
-                self.head = localray.start(ray, num_cpus, num_gpus,
-                                           os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"))
-        self.remote = ray.remote(max_retries=0)(run_job)  # retries are the driver's: each is an attempt row
+        self.remote = self.ray.remote(max_retries=0)(run_job)  # retries are the driver's: each is an attempt row
         self.pending: dict[Any, tuple[Node, str]] = {}  # ref -> (node, heartbeat token)
         self.ready: deque[Any] = deque()
         self.lost: deque[Outcome] = deque()
@@ -179,9 +157,9 @@ class RayExecutor:
         self.serial = itertools.count()
         self.next_check = time.monotonic() + heartbeat_s
         # Beside the artifact store (store_root = OUT/artifacts): a folder the cluster shares already.
-        self.board, note = choose_board(ray, f"{os.getpid()}-{uuid.uuid4().hex[:12]}",
+        self.board, note = choose_board(self.ray, f"{os.getpid()}-{uuid.uuid4().hex[:12]}",
                                        os.path.join(os.path.dirname(os.path.abspath(store_root)), "heartbeats"),
-                                       address, localray.tested(ray.__version__))
+                                       address, localray.tested(self.ray.__version__))
         if note:
             print(note, file=sys.stderr)
         self.beats: dict[str, tuple[int, float]] = {}  # token -> (its beat count, when the driver saw it change)
@@ -304,9 +282,54 @@ class RayExecutor:
                 pass
         self.pending.clear()
         self._clear()  # keys of cancelled jobs: a joined cluster keeps its key-value store
-        if self.started:
-            self.ray.shutdown()
-            localray.stop(self.head)
+        stop_ray(self.ray, self.head, self.started)
+
+
+def start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None) -> tuple[Any, Any, bool]:
+    """Connect this driver to Ray: the cluster at ``address`` (else RAY_ADDRESS),
+    or an embedded local instance (orchestrator.execution.localray: loopback,
+    only the processes a one-machine run uses, temp files outside the repo).
+    Returns (ray, the embedded head or None, whether this call connected)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Embedded instance: loopback only. Ray resolves 127.0.0.1 to the
+        # external address unless "cluster mode" is off, which makes every
+        # server bind to localhost; read at import, so set before importing.
+        # Token auth is for real clusters; nothing else can reach this one.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    head = None
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            # Dataset locations given to this driver (run --data, RD3_DATA_*) reach the
+            # cluster's workers too; an embedded instance's workers inherit them.
+            data = {k: v for k, v in os.environ.items() if k.startswith("RD3_DATA_")}
+            ray.init(address=address, logging_level="ERROR", log_to_driver=True,
+                     runtime_env={"env_vars": data} if data else None)
+        else:
+            num_cpus, num_gpus = embedded_size(num_cpus, num_gpus)
+            head = localray.start(ray, num_cpus, num_gpus, os.path.join(tempfile.gettempdir(), f"rd3-ray-{os.getuid()}"))
+    return ray, head, started
+
+
+def stop_ray(ray, head, started: bool) -> None:
+    """Undo :func:`start_ray` (a cluster joined is left running; an embedded instance ends)."""
+    if started:
+        ray.shutdown()
+        localray.stop(head)
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None, num_gpus: int | None):
+    ray, head, started = start_ray(address, num_cpus, num_gpus)
+    try:
+        yield ray
+    finally:
+        stop_ray(ray, head, started)
 
 
 def embedded_size(num_cpus: int | None, num_gpus: int | None) -> tuple[int, int]:

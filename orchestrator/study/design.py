@@ -8,7 +8,10 @@ own published preset and under one (or more) shared protocols, in a factor
 column ``protocol`` whose levels are ``native`` and the shared presets' names;
 a column ``recipe`` names the preset each cell ran under, and every random real
 subset is also run under each other method's native preset (its recipe-matched
-twin), so each method is compared with a random subset under its own recipe.
+twin), so each method is compared with a random subset under its own recipe;
+``tuned`` runs those two arms and adds a third, ``tuned``: the shared protocol
+with the fields of ``space`` set by an equal-budget search per method
+(orchestrator.study.tuning; those cells are added once the search has chosen).
 
 Methods and seeds are crossed with every row unless ``method`` is itself a
 factor; seeds are always crossed, so comparisons between methods are paired.
@@ -24,22 +27,39 @@ from rd3core.config import Problem, canonical_json
 from rd3core.protocol import PRESETS
 
 from .factors import parse_factor
+from .tuning import Budget, Scheduler, Search, TuningSpec
 
 NATIVE = "native"
-DESIGN_KINDS = ("factorial", "zip", "ofat", "cells", "native_vs_unified")
+DESIGN_KINDS = ("factorial", "zip", "ofat", "cells", "native_vs_unified", "tuned")
+ARMED = ("native_vs_unified", "tuned")  # the designs with a `protocol` column of native and shared arms
 
 
 @dataclass(frozen=True)
 class DesignSpec:
-    kind: Literal["factorial", "zip", "ofat", "cells", "native_vs_unified"] = "factorial"
+    kind: Literal["factorial", "zip", "ofat", "cells", "native_vs_unified", "tuned"] = "factorial"
     # factorial / native_vs_unified: groups of factors whose levels are paired
     # (equal lengths); the groups and the other factors are crossed.
     zip: tuple[tuple[str, ...], ...] = ()
     baseline: dict[str, Any] = field(default_factory=dict)  # ofat: factor -> baseline level (default: first)
     cells: tuple[dict[str, Any], ...] = ()  # cells: each a mapping factor -> level
-    unified: tuple[str, ...] = ()  # native_vs_unified: shared presets (default: protocol.preset)
+    unified: tuple[str, ...] = ()  # native_vs_unified, tuned: shared presets (default: protocol.preset)
+    # tuned: the search (orchestrator.study.tuning)
+    space: dict[str, Any] = field(default_factory=dict)
+    budget: Budget | None = None
+    search: Search | None = None
+    scheduler: Scheduler | None = None
+
+    @property
+    def tuning(self) -> TuningSpec:
+        return TuningSpec(self.space, self.budget or Budget(), self.search or Search(), self.scheduler or Scheduler())
 
     def validate(self):
+        if self.kind != "tuned":
+            for name in ("space", "budget", "search", "scheduler"):
+                if getattr(self, name):
+                    yield name, f"only the 'tuned' design takes a search {name} (this design is {self.kind!r})"
+        elif len(self.unified) > 1:
+            yield "unified", f"the tuned design tunes one shared protocol, got {list(self.unified)}"
         if self.zip and self.kind not in ("factorial", "native_vs_unified"):
             yield "zip", (f"zip groups apply to the factorial and native_vs_unified designs, not {self.kind!r} "
                           "(design 'zip' pairs every factor)")
@@ -49,8 +69,8 @@ class DesignSpec:
             yield "cells", f"only the 'cells' design takes a list of cells (this design is {self.kind!r})"
         if self.kind == "cells" and not self.cells:
             yield "cells", "expected a non-empty list of cells, each a mapping factor -> level"
-        if self.unified and self.kind != "native_vs_unified":
-            yield "unified", f"only the 'native_vs_unified' design takes unified presets (this is {self.kind!r})"
+        if self.unified and self.kind not in ARMED:
+            yield "unified", f"only the native_vs_unified and tuned designs take unified presets (this is {self.kind!r})"
         for i, name in enumerate(self.unified):
             if name not in PRESETS:
                 yield f"unified[{i}]", PRESETS.unknown_message(name)
@@ -102,9 +122,12 @@ def build_design(design: DesignSpec, factors: dict[str, list], labels: list[str]
             note(name, value, f"factors.{name}[{i}]")
     combos, names = _combos(design, factors, note, problems)
     arms: list[str] = []
-    if design.kind == "native_vs_unified":
+    if design.kind == "tuned" and factors:
+        problems.append(Problem("factors", "the tuned design searches each method's recipe: it crosses no factors "
+                                "(search protocol fields under design.space, or use another design)"))
+    if design.kind in ARMED:
         if "preset" in factors:
-            problems.append(Problem("factors.preset", "the native_vs_unified design sets the preset of every cell "
+            problems.append(Problem("factors.preset", f"the {design.kind} design sets the preset of every cell "
                                     "(native or unified); remove the 'preset' factor"))
         unified = list(design.unified) or ([base_preset] if base_preset else [])
         if not unified:

@@ -23,8 +23,9 @@ from rd3core.synth import METHODS
 
 from .design import NATIVE, Row
 from .factors import FactorPath, apply_level, parse_factor
-from .spec import MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render
+from .spec import MethodConfig, Study, StudyError, base_protocol_dict, native_preset, render, tuned_preset
 from .teachers import TeacherChecks, teacher_problems
+from .tuning import TRIAL, TUNED
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class _Resolver:
 
     def path(self, column: str) -> FactorPath | None:
         if column not in self.paths:
-            self.paths[column] = None if column in ("method", "protocol", "recipe") else parse_factor(column)[0]
+            self.paths[column] = None if column in ("method", "protocol", "recipe", TRIAL) else parse_factor(column)[0]
         return self.paths[column]
 
     def split(self, row: Row) -> tuple[list, list, list]:
@@ -82,7 +83,10 @@ class _Resolver:
         arm = row.levels.get("protocol")
         if arm == NATIVE:  # a random subset's twin names the other method's recipe
             return row.levels.get("recipe") or native_preset(method), False
-        preset = arm if arm is not None else row.levels.get("preset", self.spec.protocol.preset)
+        if arm in (TRIAL, TUNED):  # a search's cells: the shared preset, searched fields set
+            preset = row.levels["recipe"]
+        else:
+            preset = arm if arm is not None else row.levels.get("preset", self.spec.protocol.preset)
         return preset, preset == self.spec.protocol.preset
 
     def protocol(self, preset: str | None, customised: bool, levels: list) -> tuple[Protocol, dict] | list[Problem]:
@@ -189,68 +193,120 @@ def _cell_teachers(protocol: Protocol, teachers: tuple[TeacherSpec, ...], needs_
     return used
 
 
-def expand(study: Study) -> list[Cell]:
-    spec = study.spec
-    found = teacher_problems(spec)  # weights made elsewhere against the dataset (reads checkpoint files)
-    if found:
-        raise StudyError(render(study.source, found))
-    resolver = _Resolver(study)
-    by_label = {m.label: m for m in study.methods}
-    columns = study.factor_columns
-    info = spec.dataset.info
-    dataset = spec.dataset.identified()  # name and root, and a content digest or held-out carve when set
-    problems: list[Problem] = []
-    unselectable: set[str | None] = set()  # presets whose protocols leave the held-out split nothing to select
-    cells: list[Cell] = []
-    seen: dict[str, dict] = {}
-    methods: dict[tuple, MethodConfig] = {}
-    for row in study.design.rows:
-        method = by_label[row.levels["method"]]
+class _Expander:
+    """Rows -> cells, with every problem found on the way; each distinct
+    protocol, method parameter set and teacher list is resolved once."""
+
+    def __init__(self, study: Study):
+        spec = study.spec
+        found = teacher_problems(spec)  # weights made elsewhere against the dataset (reads checkpoint files)
+        if found:
+            raise StudyError(render(study.source, found))
+        self.study, self.spec = study, spec
+        self.resolver = _Resolver(study)
+        self.by_label = {m.label: m for m in study.methods}
+        self.info = spec.dataset.info
+        self.dataset = spec.dataset.identified()  # name and root, and a content digest or held-out carve when set
+        self.problems: list[Problem] = []
+        self.unselectable: set[str | None] = set()  # presets whose protocols leave the held-out split nothing to select
+        self.seen: dict[str, dict] = {}
+        self.methods: dict[tuple, MethodConfig] = {}
+
+    def cells(self, row: Row, searched: list[tuple[str, Any]] = (), extra: dict[str, Any] | None = None) -> list[Cell]:
+        """The cells of ``row`` (one per seed). ``searched``: protocol (path, value)
+        pairs a search set, applied after the row's levels; ``extra``: config
+        entries that tell the cells apart (a trial's index, a tuned cell's trial)."""
+        resolver, spec = self.resolver, self.spec
+        method = self.by_label[row.levels["method"]]
         preset, customised = resolver.preset(row, method)
         protocol_levels, param_levels, teacher_levels = resolver.split(row)
-        resolved = [resolver.protocol(preset, customised, protocol_levels),
+        resolved = [resolver.protocol(preset, customised, protocol_levels + list(searched)),
                     resolver.method_params(method, param_levels), resolver.teacher_list(teacher_levels)]
         found = [p for r in resolved if isinstance(r, list) for p in r]
         if not found:
             (protocol, protocol_dict), (params, params_dict), teachers = resolved
             used = _cell_teachers(protocol, teachers, METHODS.get(method.name).needs_teacher)
             found = [used] if isinstance(used, Problem) else []
-            if spec.dataset.heldout_per_class and not protocol.eval.interval and preset not in unselectable:
-                unselectable.add(preset)
+            if spec.dataset.heldout_per_class and not protocol.eval.interval and preset not in self.unselectable:
+                self.unselectable.add(preset)
                 within = ", ".join(f"{k}={v!r}" for k, v in row.levels.items())
-                problems.append(Problem("dataset.heldout_per_class", (
+                self.problems.append(Problem("dataset.heldout_per_class", (
                     f"selecting an epoch on the held-out split needs eval.interval > 0, but the protocol "
                     f"{'of preset ' + repr(preset) if preset else '(no preset)'} has eval.interval 0 (in the cells "
                     f"with {within}): set protocol.common_overrides.eval.interval, or drop heldout_per_class")))
         if found:
             within = ", ".join(f"{k}={v!r}" for k, v in row.levels.items())
-            problems += [Problem(row.where, f"{p.path}: {p.message} (in the cells with {within})") for p in found]
-            continue
+            self.problems += [Problem(row.where, f"{p.path}: {p.message} (in the cells with {within})") for p in found]
+            return []
         mkey = (method.label, repr(param_levels))
-        if mkey not in methods:
-            methods[mkey] = method if params is method.params else replace(method, params=params)
+        if mkey not in self.methods:
+            self.methods[mkey] = method if params is method.params else replace(method, params=params)
             # Checks that need the dataset and the teacher (e.g. SRe2L needs BatchNorm).
-            index = study.methods.index(method)
-            problems += [Problem(f"methods[{index}].{sub}", message) for sub, message in
-                         METHODS.get(method.name).problems(params, info, teachers[0].arch)]
-        factors = {c: row.levels[c] for c in columns}
+            index = self.study.methods.index(method)
+            self.problems += [Problem(f"methods[{index}].{sub}", message) for sub, message in
+                              METHODS.get(method.name).problems(params, self.info, teachers[0].arch)]
+        factors = {c: row.levels[c] for c in self.study.factor_columns}
+        if TRIAL in row.levels:  # a trial's index and searched values: its own columns, beside the study's
+            factors.update({c: v for c, v in row.levels.items() if c not in factors})
         base = {
-            "dataset": dataset,
+            "dataset": self.dataset,
             "method": {"name": method.name, **params_dict},
             "preset": preset,
             "protocol": protocol_dict,
             "teachers": [resolver.teacher_dict(t) for t in used],
+            **(extra or {}),
         }
+        out = []
         for seed in row.seeds:
             config = {**base, "seed": seed}
             key = stable_hash(config, plain=True)  # every part is to_dict output already
-            if key in seen:
-                problems.append(Problem(row.where, f"{seen[key]} and {factors} resolve to the same config (method "
-                                        "parameters, protocol, teachers and seed): a study runs each config once; "
-                                        "make them differ, or drop one with an 'exclude' rule"))
+            if key in self.seen:
+                self.problems.append(Problem(row.where, f"{self.seen[key]} and {factors} resolve to the same config "
+                                             "(method parameters, protocol, teachers and seed): a study runs each "
+                                             "config once; make them differ, or drop one with an 'exclude' rule"))
                 continue
-            seen[key] = factors
-            cells.append(Cell(key, seed, factors, dataset, methods[mkey], preset, protocol, used, config))
-    if problems:
-        raise StudyError(render(study.source, list(dict.fromkeys(problems))))
-    return cells
+            self.seen[key] = factors
+            out.append(Cell(key, seed, factors, self.dataset, self.methods[mkey], preset, protocol, used, config))
+        return out
+
+    def finish(self, cells: list[Cell]) -> list[Cell]:
+        if self.problems:
+            raise StudyError(render(self.study.source, list(dict.fromkeys(self.problems))))
+        return cells
+
+
+def expand(study: Study) -> list[Cell]:
+    """The study's cells; a tuned design's searched cells come from
+    :func:`trial_cell` and :func:`tuned_cells` as its search runs."""
+    expander = _Expander(study)
+    return expander.finish([c for row in study.design.rows for c in expander.cells(row)])
+
+
+def _searched(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(parse_factor(path)[0].sub, value) for path, value in values.items()]
+
+
+def trial_cell(study: Study, label: str, index: int, values: dict[str, Any]) -> Cell:
+    """Trial ``index`` of method ``label``'s search: the shared protocol with the
+    searched fields at ``values`` (path -> value), trained with the search's seed.
+    Its config records the trial's index and the search (algorithm and seed), so
+    a rerun that draws the same trials finds them stored."""
+    spec = study.spec
+    tuning = spec.design.tuning
+    row = Row({"method": label, "protocol": TRIAL, "recipe": tuned_preset(spec), TRIAL: index, **values},
+              "design.space", (tuning.search.seed,))
+    search = {"algorithm": tuning.search.algorithm, "seed": tuning.search.seed}
+    expander = _Expander(study)  # the values are protocol.<path> columns of the row: set like factor levels
+    return expander.finish(expander.cells(row, extra={TRIAL: {"index": index, "search": search}}))[0]
+
+
+def tuned_cells(study: Study, chosen: dict[str, tuple[dict[str, Any], str]]) -> list[Cell]:
+    """The chosen recipes' cells: for each method label, (values, the key of the
+    trial that chose them), run with the study's seeds (fresh beside the trials')."""
+    spec = study.spec
+    expander = _Expander(study)
+    cells = []
+    for label, (values, trial_key) in chosen.items():
+        row = Row({"method": label, "protocol": TUNED, "recipe": tuned_preset(spec)}, "design.space", spec.seeds)
+        cells += expander.cells(row, _searched(values), {TUNED: {"trial": trial_key}})
+    return expander.finish(cells)

@@ -24,7 +24,8 @@ from rd3core.protocol import PRESETS, Protocol, preset_protocol_dict, resolve_pr
 from rd3core.synth import METHODS
 
 from . import yamlsrc
-from .design import DESIGN_KINDS, Design, DesignSpec, build_design
+from .design import ARMED, DESIGN_KINDS, Design, DesignSpec, build_design
+from .tuning import space_problems
 from .factors import FactorPath, field_path_problem, level_problems, parse_factor
 from .resources import Resources, ResourcesSpec  # noqa: F401  (Resources: the per-job request)
 
@@ -413,16 +414,18 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
     design, problems = build_design(spec.design, spec.factors, labels, spec.protocol.preset, spec.seeds,
                                     spec.exclude, {m.label: native_preset(m) for m in study.methods},
                                     tuple(m.label for m in study.methods if m.name == "random_real"))
-    if spec.design.kind == "native_vs_unified":
+    if spec.design.kind in ARMED:
         for i, method in enumerate(study.methods):
             if native_preset(method) is None:
                 problems.append(Problem(f"methods[{i}].name", f"method {method.label!r} has no published preset "
                                         "of the same name: give its entry native_preset: <preset> (presets: "
                                         f"{', '.join(PRESETS.names())})"))
+    family = _family(study.source.data)
+    if spec.design.kind == "tuned":
+        problems += _tuning_problems(spec, family)
     if design is None:
         return study, problems
     by_label = {m.label: m for m in study.methods}
-    family = _family(study.source.data)
     protocol_base = base_protocol_dict(spec, family, spec.protocol.preset, True)
     teachers = {t.arch: t for t in spec.teachers}
     params_seen: set[tuple[str, str]] = set()
@@ -458,6 +461,27 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
             params_seen.add(seen_key)
             problems += _param_problems(method, parse_factor(column)[0], level, design, column)
     return replace(study, design=design), list(dict.fromkeys(problems))
+
+
+def tuned_preset(spec: StudySpec) -> str | None:
+    """The shared preset a tuned design searches around."""
+    return (spec.design.unified or (spec.protocol.preset,))[0]
+
+
+def _tuning_problems(spec: StudySpec, family: str) -> list[Problem]:
+    tuning = spec.design.tuning
+    problems: list[Problem] = []
+    if not spec.dataset.heldout_per_class:
+        problems.append(Problem("design", "the tuned design selects every method's recipe on held-out real training "
+                                "images, never on the test set: set dataset.heldout_per_class (e.g. 5)"))
+    if tuning.search.seed in spec.seeds:
+        problems.append(Problem("design.search.seed", f"seed {tuning.search.seed} trains the search's trials; the "
+                                "chosen recipes are rerun with the study's seeds, which must be fresh: use a search "
+                                f"seed that is not in seeds {list(spec.seeds)}"))
+    preset = tuned_preset(spec)
+    if preset is not None:
+        problems += space_problems(tuning, base_protocol_dict(spec, family, preset, preset == spec.protocol.preset))[1]
+    return problems
 
 
 def _param_problems(method: MethodConfig, path: FactorPath, level: Any, design: Design, column: str) -> list[Problem]:
