@@ -113,6 +113,7 @@ def show_status(args, stream=None) -> int:
         study = queries.require_study(engine, args.study)
         counts = queries.status_counts(engine, args.study)
         attempts = queries.attempts_frame(engine, args.study)
+        searches = search_lines(engine, args.study)
     except DBAPIError as exc:
         raise explain(engine, exc) from None
     finally:
@@ -121,6 +122,8 @@ def show_status(args, stream=None) -> int:
     state = f"finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else "not finished"
     print(f"study {study.name}: {total} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())
           + f" ({state})", file=stream)
+    for line in searches:
+        print(line, file=stream)
     show_jobs(args.out, study.name, stream)
     for status in ("running", "failed"):
         rows = attempts[attempts.status == status]
@@ -134,6 +137,27 @@ def show_status(args, stream=None) -> int:
             error = f": {r.error_type}: {r.error_message}" if status == "failed" else ""
             print(f"  {r.cell_key[:10]} seed={r.seed} attempt {r.number}{where}{since}{error}", file=stream)
     return 0
+
+
+def search_lines(engine, study: str) -> list[str]:
+    """A tuned design's searches: trials spent of the budget, pruned (at which
+    epochs), failed and running, and the trial chosen so far."""
+    from .analysis.tuning import search_budget, search_summary, trials_frame, values_text
+
+    trials = trials_frame(engine, study)
+    if trials.empty:
+        return []
+    lines = []
+    for method, s in search_summary(trials, search_budget(queries.study_spec_text(engine, study))).items():
+        pruned = ", ".join(f"{n} at epoch {e}" for e, n in s["pruned_at"].items())
+        chosen = s["chosen"]
+        best = "none trained every epoch yet" if chosen is None else (
+            f"best trial {chosen['trial']} ({values_text(chosen['values'])}): "
+            f"heldout_top1 {100 * chosen['heldout_top1']:.1f}%")
+        lines.append(f"search {method}: {s['trials']}/{s['budget']} trials, {s['pruned']} pruned"
+                     + (f" ({pruned})" if pruned else "") + f", {s['failed']} failed, {s['running']} running, "
+                     f"{s['epochs']:.0f} epochs trained; {best}")
+    return lines
 
 
 def show_jobs(out: Path, study: str, stream, now: float | None = None) -> None:

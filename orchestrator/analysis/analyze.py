@@ -14,6 +14,7 @@ from .comparisons import compare, finish_power
 from .ddranking import ddranking
 from .design import GROUPS, Design, cost_means, factor_group, load_design
 from .inference import CORRECTIONS
+from .tuning import tuning_section, tuning_sentences
 
 LEVEL = 0.95
 CORRECTION = "holm"
@@ -57,6 +58,8 @@ def analyze_design(design: Design, level: float = LEVEL, correction: str = CORRE
     ms = att["residual"]["ss"] / att["residual"]["df"] if "residual" in att and att["residual"]["df"] else None
     if "power" in result["comparisons"]:
         result["power"] = finish_power(result["comparisons"].pop("power"), ms, len(design.seeds), level)
+    if len(design.trials):
+        result["tuning"] = tuning_section(design.trials, result["comparisons"], design.spec_text)
     result["headlines"] = headlines(result)
     return result
 
@@ -105,6 +108,8 @@ def headlines(result: dict[str, Any]) -> list[str]:
                    f"{max(taus):.2f} (mean {np.mean(taus):.2f}); {len(flips)} pairwise order flips between settings, "
                    f"{sig} of them real (both paired differences significant after {comp['correction']} over the "
                    f"{len(comp['paired'])} paired comparisons).")
+    if "tuning" in result:
+        out += tuning_sentences(result["tuning"], pct, ci_text)
     if "power" in result:
         out += power_sentences(result["power"])
     out += seed_sentences(result)

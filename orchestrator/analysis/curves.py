@@ -177,6 +177,33 @@ def _unit(cost: str, values: np.ndarray) -> tuple[float, str]:
     return 1.0, ""
 
 
+def tuning_plot(result: dict, out: Path) -> list[Path]:
+    """A tuned design's searches: each method's best held-out accuracy (of the
+    trials that trained every epoch) against the epochs its search had spent,
+    trial by trial; the same budget for every method ends each line."""
+    searches = result.get("tuning", {}).get("searches", {})
+    if not searches:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("tab10")
+    for i, (m, s) in enumerate(searches.items()):
+        curve = [(x, y) for x, y in s["best_against_epochs"] if y is not None]
+        if not curve:
+            continue
+        xs, ys = zip(*curve)
+        ax.step(xs, [100 * y for y in ys], where="post", color=colours(i % 10), lw=2, label=short(m, 28))
+        ax.plot(xs[-1], 100 * ys[-1], "o", color=colours(i % 10))
+    ax.set_xlabel("epochs trained by the search so far (pruned trials count what they trained)")
+    ax.set_ylabel("best held-out top-1 (%) of full trials")
+    trials = {s["trials"] for s in searches.values()}
+    ax.set_title(f"{result['study']}: accuracy against tuning budget\n"
+                 f"{'/'.join(map(str, sorted(trials)))} trials per method; selected on held-out data only")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out, "tuning_budget")
+
+
 def plot_all(design: Design, result: dict, epochs: pd.DataFrame | None, out: Path, level: float = 0.95
              ) -> list[Path]:
     from .plots import interaction_plot, main_effects_plot, shares_plot
@@ -187,4 +214,5 @@ def plot_all(design: Design, result: dict, epochs: pd.DataFrame | None, out: Pat
     paths += bump_chart(result, out)
     paths += learning_curves(design, epochs, out)
     paths += cost_plot(design, out, level)
+    paths += tuning_plot(result, out)
     return paths

@@ -138,6 +138,8 @@ class Design:
     baselines: pd.DataFrame = field(default_factory=pd.DataFrame)
     info: dict[str, MethodInfo] = field(default_factory=dict)  # method label -> what it is
     columns: list[str] = field(default_factory=list)  # every factor column the cells record
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)  # a tuned design's search (analysis.tuning)
+    spec_text: str | None = None  # the study file as stored
 
     @property
     def method(self) -> str | None:
@@ -201,9 +203,14 @@ class AnalysisError(ValueError):
 def load_design(engine, study: str) -> Design:
     """The study's cells and results as a Design; a tuned design's search
     trials (orchestrator.analysis.tuning reads them) are not cells of its comparisons."""
+    from .tuning import trials_frame
+
     cells, results = without_trials(cells_frame(engine, study)), without_trials(results_frame(engine, study))
     labels = level_order(cells[METHOD]) if METHOD in cells else []
-    return make_design(study, results, cells, method_info(study_spec_text(engine, study), labels))
+    text = study_spec_text(engine, study)
+    design = make_design(study, results, cells, method_info(text, labels))
+    design.trials, design.spec_text = trials_frame(engine, study), text
+    return design
 
 
 def without_trials(frame: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,7 @@ FIGURES = {
     "learning_curves": "Learning curves: training loss per epoch, test top-1 at evaluated epochs.",
     "accuracy_vs_cost": "Accuracy against cost (synthesis time, image and label storage, post-evaluation "
                         "GPU/CPU hours, training time); baselines beside the methods.",
+    "tuning_budget": "Fair tuning: each method's best held-out accuracy against the epochs its search spent.",
 }
 IGNORED_PROVENANCE = ("cell_key", "attempt")
 TABLE_LIMIT = 200

@@ -4,7 +4,10 @@ lacks what the table needs; ``absent`` notes say why."""
 from __future__ import annotations
 
 import math
+
 import pandas as pd
+
+from .tuning import tuning_table
 
 Table = tuple[str, pd.DataFrame]
 
@@ -248,7 +251,8 @@ def all_tables(r: dict, limit: int | None = None) -> list[Table]:
     if "attribution" not in r:
         return [t for t in [not_analysed_table(r)] if t]
     attributed = [] if "absent" in r["attribution"] else [shares_table(r), terms_table(r)]
-    tables = [*attributed, means_table(r), paired_table(r, limit), *baselines_tables(r, limit), spread_table(r),
+    tuned = tuning_table(r["tuning"], pct, with_ci) if "tuning" in r else None
+    tables = [*attributed, tuned, means_table(r), paired_table(r, limit), *baselines_tables(r, limit), spread_table(r),
               native_table(r), kendall_table(r, limit), flips_table(r, limit), *ddranking_tables(r),
               costs_table(r), not_analysed_table(r)]
     return [t for t in tables if t is not None]

@@ -42,9 +42,10 @@ from rd3core.artifacts import ArtifactStore
 from . import failures
 from .plan import build_plan
 from .recorder import checkout_state, provenance_fields
+from ..analysis.tuning import values_text
 from ..study.expand import Cell, trial_cell
 from ..study.spec import Study, base_protocol_dict, tuned_preset
-from ..study.tuning import METRIC, Domain, rungs, space_problems
+from ..study.tuning import METRIC, Domain, choose, rungs, space_problems
 
 # Tune's console table and its per-trial result files: the driver prints its own lines and keeps the DB.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -141,15 +142,6 @@ class MethodSearch:
                 "failed": float(sum(t["status"] == CellStatus.failed.value for t in self.trials)),
                 "epochs": float(sum(t.get("trial_epochs", 0) for t in done)),
                 "cpu_hours": float(sum(t.get("cpu_hours", 0) for t in done))}
-
-
-def choose(trials: list[dict], epochs: int) -> dict | None:
-    """The chosen trial: of those that trained every epoch (not pruned, not
-    failed), the one with the highest held-out accuracy at the last epoch;
-    a tie goes to the earlier trial."""
-    full = [t for t in trials if t["status"] == CellStatus.done.value and t.get("trial_epochs") == epochs
-            and math.isfinite(t.get(METRIC, math.nan))]
-    return max(full, key=lambda t: (t[METRIC], -t["index"])) if full else None
 
 
 class SearchRun:
@@ -300,7 +292,7 @@ class SearchRun:
                 run.errored(config, message)
                 ended[0] += 1
                 run.log(f"  [{label} trial {config['index']} ({ended[0]}/{tuning.budget.trials})] "
-                        f"{_values_text(config['values'])}: failed: {message.splitlines()[0][:200]}")
+                        f"{values_text(config['values'])}: failed: {message.splitlines()[0][:200]}")
 
         epochs = self.probe_epochs(label)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=tuning.scheduler.grace_period,
@@ -347,10 +339,10 @@ class SearchRun:
                                **{m: row[m] for m in (METRIC, "trial_epochs", "pruned", "cpu_hours", "trial_rung")
                                   if m in row and row[m] == row[m]}})
         out.trials.sort(key=lambda t: t["index"])
-        out.chosen = choose(out.trials, epochs)
+        out.chosen = choose(out.trials)
         spent = out.spent()
         chosen = ("no trial trained every epoch: no tuned recipe" if out.chosen is None else
-                  f"chose trial {out.chosen['index']} ({_values_text(out.chosen['values'])}, "
+                  f"chose trial {out.chosen['index']} ({values_text(out.chosen['values'])}, "
                   f"{METRIC} {100 * out.chosen[METRIC]:.1f}%)")
         self.log(f"search {label}: {spent['trials']:.0f} trials, {spent['pruned']:.0f} pruned, {spent['failed']:.0f} "
                  f"failed, {spent['epochs']:.0f} epochs trained; {chosen}")
@@ -361,7 +353,7 @@ class SearchRun:
         state = (f"pruned at epoch {metrics['trial_epochs']:.0f}" if metrics["pruned"] else
                  f"all {metrics['trial_epochs']:.0f} epochs")
         self.log(f"  [{label} trial {config['index']} ({n}/{self.tuning.budget.trials})] "
-                 f"{_values_text(config['values'])}: {state}, {METRIC} {100 * metrics[METRIC]:.1f}% ({how})")
+                 f"{values_text(config['values'])}: {state}, {METRIC} {100 * metrics[METRIC]:.1f}% ({how})")
 
 
 ROW_KEYS = ("epoch", "loss", "lr", "heldout_top1", "time_s", "train_top1", "temperature", "trial_wall_s")
@@ -369,11 +361,6 @@ ROW_KEYS = ("epoch", "loss", "lr", "heldout_top1", "time_s", "train_top1", "temp
 
 def _first(domain: Domain) -> Any:
     return domain.args[0]
-
-
-def _values_text(values: dict[str, Any]) -> str:
-    return ", ".join(f"{p.removeprefix('protocol.')}={v:.3g}" if isinstance(v, float) else
-                     f"{p.removeprefix('protocol.')}={v}" for p, v in values.items())
 
 
 def _error_text(trial) -> str:

@@ -134,3 +134,12 @@ def rungs(scheduler: Scheduler, epochs: int) -> list[int]:
         out.append(t)
         t *= scheduler.reduction_factor
     return out
+
+
+def choose(trials: list[dict]) -> dict | None:
+    """The chosen trial: of those that trained every epoch (done and not
+    pruned), the highest held-out accuracy at the last epoch; a tie goes to the
+    earlier trial. Each trial: ``index``, ``status`` and its metrics."""
+    full = [t for t in trials if t.get("status") == "done" and t.get("pruned") == 0
+            and isinstance(t.get(METRIC), float) and math.isfinite(t[METRIC])]
+    return max(full, key=lambda t: (t[METRIC], -t["index"])) if full else None
