@@ -99,6 +99,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        shaped: list[Problem] | None = None
         for arg in args:
             if arg is type(None):
                 continue
@@ -106,7 +107,10 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
             out = _convert(arg, value, path, trial)
             if not trial:
                 return out
-        problems.append(Problem(path, f"expected {_type_name(tp)}, got {value!r}"))
+            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                shaped = trial
+        # A mapping for the one dataclass member: its own problems say more than the union's name.
+        problems.extend(shaped or [Problem(path, f"expected {_type_name(tp)}, got {value!r}")])
         return _BAD
     if origin is Literal:
         if value in typing.get_args(tp):

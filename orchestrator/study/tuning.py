@@ -82,6 +82,9 @@ def parse_domain(value: Any) -> tuple[Domain | None, str | None]:
         return None, (f"expected a domain: loguniform(low, high), uniform(low, high), randint(low, high) or a list "
                       f"of levels, got {value!r}")
     match = _RANGE_RE.match(value)
+    if match is None and re.match(r"^\s*[a-z]+\s*\([^)]*$", value):
+        return None, (f"got {value!r}: inside a flow mapping ({{...}}) a comma ends the value; quote the domain "
+                      "('loguniform(1e-4, 1e-1)') or write the space as an indented block")
     if match is None or match["kind"] not in RANGES:
         return None, (f"expected loguniform(low, high), uniform(low, high), randint(low, high) or a list of "
                       f"levels, got {value!r}")
