@@ -35,9 +35,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.study.expand import expand  # noqa: E402
+from orchestrator.study.expand import expand, trial_cell, tuned_cells  # noqa: E402
+from orchestrator.study.tuning import space_problems  # noqa: E402
 from orchestrator.execution.plan import STAGES, assign_resources, build_plan  # noqa: E402
-from orchestrator.study.spec import load_study  # noqa: E402
+from orchestrator.study.spec import base_protocol_dict, load_study, tuned_preset  # noqa: E402
 from rd3core.artifacts import ArtifactStore  # noqa: E402
 from rd3core.data import dataset_info  # noqa: E402
 from rd3core.loop import Runtime  # noqa: E402
@@ -142,6 +143,19 @@ def human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def search_cells(study) -> list:
+    """A tuned design's trials (every one trained to the end: the upper bound of
+    its budget) and its chosen recipes' cells, each at the first value of every
+    searched domain (the cost of one trial hardly depends on the values)."""
+    tuning = study.spec.design.tuning
+    family = study.spec.dataset.info.family
+    preset = tuned_preset(study.spec)
+    domains, _ = space_problems(tuning, base_protocol_dict(study.spec, family, preset, preset == study.spec.protocol.preset))
+    values = {path: d.args[0] for path, d in domains.items()}
+    trials = [trial_cell(study, m.label, i, values) for m in study.methods for i in range(tuning.budget.trials)]
+    return trials + tuned_cells(study, {m.label: (values, "estimate") for m in study.methods})
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", type=Path)
@@ -157,6 +171,8 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {args.study}: dataset {study.spec.dataset.name!r}: its split sizes are not known here "
                  f"(known: {', '.join(SPLIT_SIZES)})")
     cells = expand(study)
+    searched = search_cells(study) if study.spec.design.kind == "tuned" else []
+    cells += searched
     with tempfile.TemporaryDirectory() as tmp:
         plan = assign_resources(build_plan(cells, ArtifactStore(Path(tmp))), study.spec.resources)
     info = dataset_info(study.spec.dataset.name)
@@ -183,6 +199,9 @@ def main(argv=None) -> dict:
     for stage in sorted(per_stage, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)):
         print(f"  {stage:9s} {jobs[stage]:4d} job(s)  {human(per_stage[stage]):>8s} of job time  "
               f"~{human(wall_by_stage[stage])} wall")
+    if searched:
+        print(f"  ({len(searched)} of the cells are the tuned design's search and chosen recipes, counted as if "
+              "no trial were stopped early: an upper bound)")
     print(f"  total: {human(total)} of job time, ~{human(wall)} wall on this machine (network compute only: "
           f"data loading, augmentation, Ray's start and host work are not counted)")
     def hours(seconds: float) -> float:  # 4 significant digits: a stage of seconds is not 0.0 hours

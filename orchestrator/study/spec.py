@@ -61,7 +61,11 @@ class DatasetSpec:
             return
         if self.heldout_per_class > 0:
             # Only then is the data read (its labels bound the carve): every class keeps a training image.
-            problem = heldout_problem(load_dataset(self.name, self.root), self.heldout_per_class)
+            try:
+                problem = heldout_problem(load_dataset(self.name, self.root), self.heldout_per_class)
+            except (OSError, ValueError) as exc:  # a tabled dataset's root is read only now: a bad tree shows here
+                yield "root", str(exc)
+                return
             if problem:
                 yield "heldout_per_class", problem
 
@@ -422,7 +426,7 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
                                         f"{', '.join(PRESETS.names())})"))
     family = _family(study.source.data)
     if spec.design.kind == "tuned":
-        problems += _tuning_problems(spec, family)
+        problems += _tuning_problems(spec, family, study.source.data)
     if design is None:
         return study, problems
     by_label = {m.label: m for m in study.methods}
@@ -468,10 +472,11 @@ def tuned_preset(spec: StudySpec) -> str | None:
     return (spec.design.unified or (spec.protocol.preset,))[0]
 
 
-def _tuning_problems(spec: StudySpec, family: str) -> list[Problem]:
+def _tuning_problems(spec: StudySpec, family: str, data: dict) -> list[Problem]:
     tuning = spec.design.tuning
     problems: list[Problem] = []
-    if not spec.dataset.heldout_per_class:
+    dataset = data.get("dataset")  # as written: a dataset refused elsewhere is checked as digits here
+    if not (isinstance(dataset, dict) and dataset.get("heldout_per_class")):
         problems.append(Problem("design", "the tuned design selects every method's recipe on held-out real training "
                                 "images, never on the test set: set dataset.heldout_per_class (e.g. 5)"))
     if tuning.search.seed in spec.seeds:
