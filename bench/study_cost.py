@@ -152,7 +152,9 @@ def search_cells(study) -> list:
     preset = tuned_preset(study.spec)
     domains, _ = space_problems(tuning, base_protocol_dict(study.spec, family, preset, preset == study.spec.protocol.preset))
     values = {path: d.args[0] for path, d in domains.items()}
-    trials = [trial_cell(study, m.label, i, values) for m in study.methods for i in range(tuning.budget.trials)]
+    if tuning.budget.kind != "trials":  # its hours are the budget's: the estimate counts no trial
+        return tuned_cells(study, {m.label: (values, "estimate") for m in study.methods})
+    trials = [trial_cell(study, m.label, i, values) for m in study.methods for i in range(int(tuning.budget.amount))]
     return trials + tuned_cells(study, {m.label: (values, "estimate") for m in study.methods})
 
 

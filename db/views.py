@@ -39,6 +39,10 @@ RESULTS = "results"
 # metric is a row of the metric table.
 MAIN_METRICS = ("top1", "top1_heldout_selected", "top1_best_on_test", "final_loss", "synth_wall_s", "synth_bytes",
                 "time_train_s", "gpu_hours", "cpu_hours")
+# A study whose cells include a tuned design's search trials (a `trial` factor)
+# also shows the trials' own metrics (they have no top1: they never see the test set).
+# No revision needed: only such a study's view changes, rebuilt when its trials are stored.
+TRIAL_METRICS = ("heldout_top1", "trial_epochs", "trial_rung", "pruned", "trial_wall_s")
 # PostgreSQL's identifier limit (bytes; longer names are cut silently), kept
 # on SQLite too so a name works on both.
 MAX_NAME = 63
@@ -129,10 +133,11 @@ def _study_factors(conn: Connection, study_id: int) -> dict[str, set[FactorKind]
 def refresh_study_view(conn: Connection, study_id: int, study: str) -> str:
     """(Re)create the study's view from its stored factors; returns its name."""
     columns: dict[str, Any] = {c.name: c for c in _cell_columns()}
-    for name, kinds in _study_factors(conn, study_id).items():
+    factors = _study_factors(conn, study_id)
+    for name, kinds in factors.items():
         column = _factor_column(name, kinds)
         columns[column.name] = column  # a `method` or `seed` factor is that column, typed by its levels
-    for name in MAIN_METRICS:
+    for name in MAIN_METRICS + (TRIAL_METRICS if "trial" in factors else ()):
         columns.setdefault(name, _metric_column(name))
     view = study_view_name(study)
     _create(conn, view, select(*columns.values()).select_from(_cell).where(_cell.c.study_id == study_id))

@@ -154,7 +154,7 @@ def search_lines(engine, study: str) -> list[str]:
         best = "none trained every epoch yet" if chosen is None else (
             f"best trial {chosen['trial']} ({values_text(chosen['values'])}): "
             f"heldout_top1 {100 * chosen['heldout_top1']:.1f}%")
-        lines.append(f"search {method}: {s['trials']}/{s['budget']} trials, {s['pruned']} pruned"
+        lines.append(f"search {method}: {s['budget']}, {s['pruned']} pruned"
                      + (f" ({pruned})" if pruned else "") + f", {s['failed']} failed, {s['running']} running, "
                      f"{s['epochs']:.0f} epochs trained; {best}")
     return lines

@@ -21,7 +21,7 @@ from orchestrator.execution.plan import build_plan
 from orchestrator.execution.search import searcher_class
 from orchestrator.study.expand import expand, trial_cell, tuned_cells
 from orchestrator.study.spec import load_study
-from orchestrator.study.tuning import Domain, Scheduler, choose, parse_domain, rungs
+from orchestrator.study.tuning import Budget, Domain, Scheduler, choose, parse_domain, rungs
 from planted_lr import HELDOUT_PER_CLASS, PROTOCOL, UNIFIED_LR, write_planted_sets
 from rd3core.artifacts import ArtifactStore
 
@@ -88,6 +88,8 @@ def test_a_tuned_study_validates_into_native_and_unified_cells(tmp_path, capsys)
     (dict(space="{}"), "design.space", "expected the search space"),
     (dict(space="{protocol.optim.lr: loguniform(1e-4, 1e-1)}"), "design.space.protocol.optim.lr", "quote the domain"),
     (dict(trials=0), "design.budget.trials", ">= 1"),
+    (dict(trials="4, cpu_hours: 1"), "design.budget.cpu_hours", "a budget is one of trials, cpu_hours, gpu_hours"),
+    (dict(trials="null, gpu_hours: -1"), "design.budget.gpu_hours", "> 0"),
     (dict(grace=0), "design.scheduler.grace_period", ">= 1"),
 ])
 def test_a_bad_tuned_design_is_refused_at_its_key(tmp_path, capsys, change, where, expected):
@@ -116,6 +118,12 @@ def test_the_search_belongs_to_the_tuned_design(tmp_path, capsys, text, expected
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
+
+
+def test_a_dry_run_says_the_search_comes_first(tmp_path, capsys):
+    assert main(["run", str(write(tmp_path, study_text())), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "and first the search: 8 trials per method for each of 1 method, then" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_refused_tuned_study_writes_nothing(tmp_path):
@@ -156,7 +164,7 @@ def test_rungs_are_the_epochs_asha_compares_at():
 
 def draws(seed: int, n: int = 6) -> list[dict]:
     domains = {"protocol.optim.lr": Domain("loguniform", (1e-4, 1e-1)), "protocol.batch_size": Domain("choice", (25, 50))}
-    searcher = searcher_class()(domains, n, seed, lambda index, values: {"index": index, **values})
+    searcher = searcher_class()(domains, Budget(trials=n), seed, lambda index, values: {"index": index, **values})
     out = []
     while (config := searcher.suggest(f"t{len(out)}")) != "FINISHED":
         out.append(config)
@@ -170,6 +178,21 @@ def test_the_searcher_draws_the_budget_the_same_for_every_method_and_rerun():
     assert draws(1001) != first
     assert all(1e-4 <= c["protocol.optim.lr"] < 1e-1 and type(c["protocol.optim.lr"]) is float for c in first)
     assert {type(c["protocol.batch_size"]) for c in first} == {int}  # stored and hashed as the YAML levels
+
+
+def test_an_hours_budget_draws_until_the_recorded_hours_reach_it():
+    domains = {"protocol.optim.lr": Domain("loguniform", (1e-4, 1e-1))}
+    searcher = searcher_class()(domains, Budget(cpu_hours=0.01), 0, lambda index, values: {"index": index},
+                                cpus=2)
+    walls = [5.0, 7.0, 6.0, 1.0]  # seconds; 2 CPUs: 10 + 14 + 12 = 36 s = 0.01 CPU-hours after the third
+    suggested = []
+    while (config := searcher.suggest(f"t{len(suggested)}")) != "FINISHED":
+        suggested.append(config)
+        searcher.on_trial_complete(f"t{len(suggested)}", {"trial_wall_s": walls[len(suggested) - 1]})
+    assert len(suggested) == 3
+    assert Budget(cpu_hours=0.01).progress([{"cpu_hours": 0.004}, {"cpu_hours": 0.0061}]) == \
+        "0.0101/0.01 cpu-hours (2 trials)"
+    assert Budget().progress([{}] * 3) == "3/8 trials" and not Budget().exhausted([{}] * 7)
 
 
 def test_the_choice_is_the_best_full_trial_on_held_out_accuracy():
@@ -274,6 +297,10 @@ def test_a_planted_method_needing_a_higher_lr_is_found_and_the_ranking_changes(t
     assert all(t["metrics"]["trial_epochs"] == 30 for t in trials if t["metrics"]["pruned"] == 0)
     # No trial saw the test split: no test accuracy in its metrics or its curve.
     assert all("top1" not in t["metrics"] and all(test is None for _, _, test in t["epochs"]) for t in trials)
+    with sqlite3.connect(out / "rd3.sqlite") as con:  # plain SQL sees them too (docs/DATABASE.md)
+        rows = con.execute('SELECT trial, "protocol.optim.lr", heldout_top1, pruned, top1 FROM results_planted '
+                           "WHERE protocol = 'trial'").fetchall()
+    assert len(rows) == 16 and all(r[2] is not None and r[3] in (0, 1) and r[4] is None for r in rows)
     status = run_cli("status", "planted", "--out", str(out))
     for m in ("easy", "diverse"):
         n = sum(t["factors"]["method"] == m for t in pruned)
@@ -370,3 +397,22 @@ def test_the_search_never_reads_the_test_split(tmp_path, monkeypatch):
     assert runs[True]["chosen"] == runs[False]["chosen"]
     # The permutation is real: the chosen recipe's test accuracy collapses to chance.
     assert runs[False]["tuned"] > 0.6 and runs[True]["tuned"] < 0.3
+
+
+@pytest.mark.slow
+def test_an_hours_budget_is_spent_equally_and_a_rerun_draws_the_same_trials(tmp_path):
+    path = write(tmp_path, study_text(name="hours", trials="null, cpu_hours: 0.0015", grace=5,
+                                      common={**COMMON, "epochs": 10, "batch_size": 25}))
+    out = tmp_path / "out"
+    proc = run_cli("run", str(path), "--out", str(out), "--num-cpus", "2", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = trial_rows(out / "rd3.sqlite")
+    hours = [t["metrics"]["cpu_hours"] for t in trials]
+    assert len(trials) >= 2 and sum(hours) >= 0.0015 > sum(hours[:-1])  # stopped once the budget was reached
+    analysis = json.loads((out / "hours" / "analysis.json").read_text())
+    assert analysis["tuning"]["equal_budget"] and analysis["tuning"]["budget"]["kind"] == "cpu_hours"
+    again = run_cli("run", str(path), "--out", str(out), "--num-cpus", "2", timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = [ln for ln in again.stdout.splitlines() if "[random_real trial" in ln]
+    assert len(lines) == len(trials) and all("replayed from the database" in ln for ln in lines)
+    assert "0 to run" in again.stdout

@@ -19,6 +19,8 @@ import pandas as pd
 from db.queries import cells_frame, results_frame
 
 from ..study.design import NATIVE
+from rd3core.config import ConfigError, build
+
 from ..study.tuning import METRIC, TRIAL, TUNED, Budget, choose
 
 TRIAL_METRICS = (METRIC, "trial_epochs", "trial_rung", "pruned", "cpu_hours", "gpu_hours", "trial_wall_s")
@@ -54,10 +56,11 @@ def _records(rows: pd.DataFrame) -> list[dict]:
     return out
 
 
-def search_summary(trials: pd.DataFrame, budget: int | None = None) -> dict[str, dict[str, Any]]:
+def search_summary(trials: pd.DataFrame, budget: Budget | None = None) -> dict[str, dict[str, Any]]:
     """Per method: trials stored, done, pruned (and at which epochs), failed,
     running, epochs and CPU/GPU-hours spent, the chosen trial and the best
     held-out accuracy against the epochs spent so far (in trial order)."""
+    budget = budget or Budget()
     out: dict[str, dict[str, Any]] = {}
     paths = searched_columns(trials)
     for method, rows in trials.groupby("method", sort=False):
@@ -73,7 +76,8 @@ def search_summary(trials: pd.DataFrame, budget: int | None = None) -> dict[str,
             curve.append([spent, None if math.isnan(best) else best])
         values = {int(r[TRIAL]): {p: _plain(r[p]) for p in paths if pd.notna(r[p])} for r in rows.to_dict("records")}
         out[str(method)] = {
-            "trials": len(records), "budget": budget, "done": len(done), "pruned": len(pruned),
+            "trials": len(records), "budget": budget.progress(records), "budget_spent": budget.exhausted(records),
+            "done": len(done), "pruned": len(pruned),
             "pruned_at": {str(int(e)): sum(t.get("trial_epochs") == e for t in pruned)
                           for e in sorted({t.get("trial_epochs", 0) for t in pruned})},
             "failed": sum(t["status"] == "failed" for t in records),
@@ -91,19 +95,19 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def search_budget(spec_text: str | None) -> int | None:
-    """Trials per method, as the stored study text says."""
-    return _budget(spec_text).get("trials")
+def search_budget(spec_text: str | None) -> Budget:
+    """The budget per method, as the stored study text says."""
+    return _design(spec_text)[0]
 
 
 def tuning_section(trials: pd.DataFrame, comparisons: dict[str, Any], spec_text: str | None) -> dict[str, Any]:
     """The tuned design's part of the analysis (``analyze``'s ``tuning`` key)."""
-    budget = _budget(spec_text)
-    searches = search_summary(trials, budget.get("trials"))
-    counts = {m: s["trials"] for m, s in searches.items()}
-    out: dict[str, Any] = {"budget": budget, "searches": searches,
-                           "equal_budget": len(set(counts.values())) <= 1 and
-                           all(budget.get("trials") in (None, n) for n in counts.values())}
+    budget, written = _design(spec_text)
+    searches = search_summary(trials, budget)
+    spent = {m: s["budget_spent"] for m, s in searches.items()}
+    out: dict[str, Any] = {"budget": {"kind": budget.kind, "amount": budget.amount, "per_method": budget.describe(),
+                                      **written},
+                           "searches": searches, "equal_budget": bool(spent) and all(spent.values())}
     settings = {s["levels"].get("protocol"): s for s in comparisons.get("settings", []) if "protocol" in s["levels"]}
     shared = [p for p in settings if p not in (NATIVE, TUNED)]
     arms = [a for a in (NATIVE, *shared, TUNED) if a in settings]
@@ -126,20 +130,20 @@ def tuning_section(trials: pd.DataFrame, comparisons: dict[str, Any], spec_text:
     return out
 
 
-def _budget(spec_text: str | None) -> dict[str, Any]:
-    """The design's budget, search and scheduler as the stored study text says."""
+def _design(spec_text: str | None) -> tuple[Budget, dict[str, Any]]:
+    """The design's budget, and its search, scheduler and space as written, from the stored study text."""
     import yaml
 
     try:
         design = (yaml.safe_load(spec_text or "") or {}).get("design") or {}
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(design, dict):
-        return {}
-    budget = design.get("budget") or {}
-    return {"trials": budget.get("trials", Budget().trials) if isinstance(budget, dict) else None,
-            "search": design.get("search") or {"algorithm": "random"}, "scheduler": design.get("scheduler") or {},
-            "space": design.get("space") or {}}
+    except (yaml.YAMLError, AttributeError):
+        design = {}
+    design = design if isinstance(design, dict) else {}
+    try:
+        budget = build(Budget, design.get("budget") or {})
+    except ConfigError:
+        budget = Budget()
+    return budget, {k: design.get(k) or {} for k in ("search", "scheduler", "space")}
 
 
 def tuning_sentences(section: dict[str, Any], pct, ci_text) -> list[str]:
@@ -149,9 +153,9 @@ def tuning_sentences(section: dict[str, Any], pct, ci_text) -> list[str]:
     if searches:
         spent = "; ".join(f"{m}: {s['trials']} trials, {s['pruned']} pruned, {s['failed']} failed, "
                           f"{s['epochs']:.0f} epochs" for m, s in searches.items())
-        equal = "equal" if section["equal_budget"] else "NOT equal"
-        out.append(f"Tuning budgets are {equal} ({section['budget'].get('trials')} trials per method, "
-                   f"search {json.dumps(section['budget'].get('search'))}): {spent}.")
+        equal = "equal" if section["equal_budget"] else "NOT equal (a search did not spend its budget)"
+        out.append(f"Tuning budgets are {equal} ({section['budget']['per_method']}, search "
+                   f"{json.dumps(section['budget']['search'])}): {spent}.")
     ranking = section.get("ranking")
     if ranking:
         order = ranking["order"]

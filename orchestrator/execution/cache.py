@@ -190,6 +190,12 @@ def dry_run(path: str | Path, options: RunOptions) -> int:
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo) - len(skipped)} already done, "
           + (f"{len(skipped)} failed before and skipped (--retry-failed runs them), " if skipped else "")
           + f"{len(todo)} to run (dry run: nothing is run or written)")
+    if study.spec.design.kind == "tuned":
+        tuning = study.spec.design.tuning
+        n = len(study.methods)
+        print(f"  and first the search: {tuning.budget.describe()} for each of {n} method{'s' * (n != 1)}, "
+              f"then the chosen recipes' {len(study.methods) * len(study.spec.seeds)} cells (the trials stored "
+              "are replayed, not run)")
     plan = build_plan(todo, store)
     loaded, trained = plan.loaded_teachers()
     for stage, (need, cached) in plan.counts().items():

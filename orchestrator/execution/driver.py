@@ -171,7 +171,13 @@ def run_study(path: str | Path, options: RunOptions) -> int:
                                            "config": c.config} for c in cells])
         stale = records.abandon_attempts(s, study_id, "the driver stopped before this attempt finished")
     if study.spec.design.kind == "tuned":
-        tuned = run_search(study, engine, study_id, store, options)
+        try:
+            with stop_on_signals():
+                tuned = run_search(study, engine, study_id, store, options)
+        except Stopped as exc:
+            print(f"\nstopped ({exc}) during the search: the trials stored so far are kept; the trial in flight "
+                  f"was recorded as interrupted.\nresume with: {command_of(path, options)}", file=sys.stderr)
+            return exc.exit_status
         if tuned is None:
             return 1
         cells += tuned
@@ -215,10 +221,10 @@ def run_search(study: Study, engine, study_id: int, store: ArtifactStore, option
     searches = SearchRun(study, engine, study_id, store).run(
         options.address, options.num_cpus or limits.max_cpus,
         options.num_gpus if options.num_gpus is not None else limits.max_gpus)
-    budget = study.spec.design.tuning.budget.trials
-    short = {label: len(s.trials) for label, s in searches.items() if len(s.trials) != budget}
+    budget = study.spec.design.tuning.budget
+    short = {label: budget.progress(s.trials) for label, s in searches.items() if not budget.exhausted(s.trials)}
     if short:
-        print(f"the search did not spend the same budget for every method ({budget} trials each; "
+        print(f"the search did not spend the same budget for every method ({budget.describe()}; "
               + ", ".join(f"{label}: {n}" for label, n in short.items())
               + f"): no tuned recipe is run. resume with: {command_of(study.source.path, options)}", file=sys.stderr)
         return None

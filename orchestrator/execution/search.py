@@ -1,7 +1,8 @@
 """The tuned design's search: one Ray Tune run per method, every trial a cell.
 
-For each method in turn, a :class:`ray.tune.Tuner` runs ``design.budget.trials``
-trials, one at a time, drawn by :class:`TrialSearcher` (a Tune ``Searcher``:
+For each method in turn, a :class:`ray.tune.Tuner` runs trials, one at a time,
+until the method's budget (``design.budget``: trials, or CPU/GPU-hours as
+recorded) is spent, drawn by :class:`TrialSearcher` (a Tune ``Searcher``:
 random draws from Tune's sampling domains, seeded by ``design.search.seed``, so
 trial *i* of every method draws the same candidate recipe) and stopped early by
 Tune's ``ASHAScheduler`` on the held-out accuracy of each evaluated epoch. A
@@ -34,7 +35,7 @@ import numpy as np
 
 from db import records
 from db.models import AttemptStatus, CellStatus
-from db.queries import cell_status, epoch_frame
+from db.queries import attempts_frame, cell_status, epoch_frame, metrics_frame
 from db.session import session_scope
 from db.models import Study as StudyRow
 from rd3core.artifacts import ArtifactStore
@@ -45,12 +46,15 @@ from .recorder import checkout_state, provenance_fields
 from ..analysis.tuning import values_text
 from ..study.expand import Cell, trial_cell
 from ..study.spec import Study, base_protocol_dict, tuned_preset
-from ..study.tuning import METRIC, Domain, choose, rungs, space_problems
+from ..study.tuning import METRIC, Budget, Domain, choose, rungs, space_problems
 
 # Tune's console table and its per-trial result files: the driver prints its own lines and keeps the DB.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")  # each epoch reaches the scheduler as it is measured
+# Ctrl-C stops the run as everywhere else (the attempt in flight recorded as interrupted), not
+# Tune's graceful stop, which would end the trial in flight as if it had completed.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def tune_domain(domain: Domain):
@@ -74,16 +78,20 @@ def searcher_class():
         Tune domains with one numpy generator seeded by ``seed``; each draw
         becomes the trial's config through ``make_trial(index, values)``."""
 
-        def __init__(self, domains: dict[str, Domain], trials: int, seed: int,
-                     make_trial: Callable[[int, dict[str, Any]], dict]):
+        def __init__(self, domains: dict[str, Domain], budget: Budget, seed: int,
+                     make_trial: Callable[[int, dict[str, Any]], dict], cpus: float = 1.0, gpus: float = 0.0):
             super().__init__(metric=METRIC, mode="max")
             self.domains = {path: tune_domain(d) for path, d in domains.items()}
-            self.trials, self.make_trial = trials, make_trial
+            self.budget, self.make_trial = budget, make_trial
+            self.cpus, self.gpus = cpus, gpus
             self.rng = np.random.default_rng(seed)
             self.index = 0
+            self.ended: list[dict] = []  # each ended trial's hours, as recorded (a replayed one: as stored)
 
         def suggest(self, trial_id: str) -> dict | str | None:
-            if self.index >= self.trials:
+            # Trials run one at a time: the last one has ended (and been counted) when the next is asked for.
+            if self.budget.kind == "trials" and self.index >= self.budget.amount or \
+                    self.budget.kind != "trials" and self.budget.exhausted(self.ended):
                 return Searcher.FINISHED
             values = {path: _plain(d.sample(random_state=self.rng)) for path, d in self.domains.items()}
             config = self.make_trial(self.index, values)
@@ -91,7 +99,9 @@ def searcher_class():
             return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            pass  # random draws do not depend on results
+            # Random draws do not depend on results; an hours budget counts them (a failed trial: 0).
+            wall = (result or {}).get("trial_wall_s", 0.0)
+            self.ended.append({"cpu_hours": wall * self.cpus / 3600, "gpu_hours": wall * self.gpus / 3600})
 
     return TrialSearcher
 
@@ -109,15 +119,15 @@ def run_trial(config: dict, store_root: str, threads: int) -> None:
 
     t0 = time.perf_counter()
 
-    def send(row: dict, replayed: bool) -> None:
+    def send(row: dict, replayed: bool, wall_s: float | None = None) -> None:
         numbers = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**numbers, "epoch": int(row["epoch"]), "replayed": replayed,
-                     "trial_wall_s": time.perf_counter() - t0})
+                     "trial_wall_s": time.perf_counter() - t0 if wall_s is None else wall_s})
 
     if config["failed"]:
         raise TrialFailed(config["failed"])
-    for row in config["replay"]:
-        send(row, True)
+    for i, row in enumerate(config["replay"]):  # the last one carries the trial's recorded time
+        send(row, True, config["wall_s"] if i == len(config["replay"]) - 1 else 0.0)
     if config["replay"]:
         return
 
@@ -159,6 +169,7 @@ class SearchRun:
         self.resources = spec.resources.for_stage("posteval")
         self.checkout = checkout_state()
         self.cells: dict[str, Cell] = {}
+        self.stored: dict[str, tuple[list[dict], str | None, float]] = {}
         self.attempts: dict[str, int] = {}  # trial cell key -> its attempt in flight
         self.epochs = 0
 
@@ -179,27 +190,34 @@ class SearchRun:
             ids = records.sync_cells(s, row, [{"cell_key": cell.key, "seed": cell.seed, "factors": cell.factors,
                                                "config": cell.config}])
         self.ids = ids
-        status = cell_status(self.engine, self.study.name).get(cell.key)
-        replay, failed = [], None
-        if status == CellStatus.done.value:
-            curve = epoch_frame(self.engine, self.study.name)
-            curve = curve[(curve.cell_key == cell.key) & curve[METRIC].notna()]
-            replay = [{k: v for k, v in r.items() if k != "cell_key" and v == v and v is not None}
-                      for r in curve.to_dict("records")]
-        elif status == CellStatus.failed.value:
-            error = self._last_failure(cell.key)
-            if error is not None and not failures.rerun_by_default(*error):
-                failed = f"{error[0]}: {error[1]}"
+        replay, failed, wall_s = self.stored.get(cell.key, ([], None, 0.0))
         node = next(n for n in build_plan([cell], self.store).nodes.values() if n.stage == "posteval")
         return {"key": cell.key, "label": label, "index": index, "values": values, "payload": node.payload,
-                "replay": replay, "failed": failed}
+                "replay": replay, "failed": failed, "wall_s": wall_s}
 
-    def _last_failure(self, key: str) -> tuple[str | None, str | None] | None:
-        from db.queries import attempts_frame
-
-        frame = attempts_frame(self.engine, self.study.name)
-        frame = frame[(frame.cell_key == key) & (frame.status == CellStatus.failed.value)]
-        return None if frame.empty else (frame.iloc[-1].error_type, frame.iloc[-1].error_message)
+    def load_stored(self) -> None:
+        """What the database holds of the study's trials (read once per method's
+        search: the trials it writes are not replayed): key -> (the curve to
+        replay, the failure to repeat, the recorded wall time). A trial stored
+        done is replayed; one whose last attempt failed deterministically fails
+        the same way; any other (interrupted, lost) is trained again."""
+        status = cell_status(self.engine, self.study.name)
+        curves = epoch_frame(self.engine, self.study.name)
+        curves = curves[curves[METRIC].notna()]
+        walls = metrics_frame(self.engine, self.study.name)
+        walls = dict(walls[walls.name == "trial_wall_s"][["cell_key", "value"]].itertuples(index=False))
+        attempts = attempts_frame(self.engine, self.study.name)
+        errors = {r.cell_key: (r.error_type, r.error_message) for r in
+                  attempts[attempts.status == CellStatus.failed.value].itertuples(index=False)}
+        self.stored = {}
+        for key, curve in curves.groupby("cell_key"):
+            if status.get(key) == CellStatus.done.value:
+                rows = [{k: v for k, v in r.items() if k != "cell_key" and v == v and v is not None}
+                        for r in curve.to_dict("records")]
+                self.stored[key] = (rows, None, float(walls.get(key, 0.0)))
+        for key, error in errors.items():
+            if status.get(key) == CellStatus.failed.value and not failures.rerun_by_default(*error):
+                self.stored[key] = ([], f"{error[0]}: {error[1]}", 0.0)
 
     def started(self, config: dict) -> None:
         if config["replay"] or config["failed"]:
@@ -291,15 +309,17 @@ class SearchRun:
                 message = _error_text(trial)
                 run.errored(config, message)
                 ended[0] += 1
-                run.log(f"  [{label} trial {config['index']} ({ended[0]}/{tuning.budget.trials})] "
+                run.log(f"  [{label} trial {config['index']} ({ended[0]})] "
                         f"{values_text(config['values'])}: failed: {message.splitlines()[0][:200]}")
 
         epochs = self.probe_epochs(label)
+        self.load_stored()
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=tuning.scheduler.grace_period,
                                   reduction_factor=tuning.scheduler.reduction_factor, brackets=1)
-        searcher = searcher_class()(self.domains, tuning.budget.trials, tuning.search.seed,
-                                    lambda index, values: self.make_trial(label, index, values))
-        self.log(f"search {label}: {tuning.budget.trials} trials ({tuning.search.algorithm}, seed "
+        searcher = searcher_class()(self.domains, tuning.budget, tuning.search.seed,
+                                    lambda index, values: self.make_trial(label, index, values),
+                                    self.resources.cpus, self.resources.gpus)
+        self.log(f"search {label}: {tuning.budget.describe()} ({tuning.search.algorithm}, seed "
                  f"{tuning.search.seed}), ASHA on {METRIC} at epochs {rungs(tuning.scheduler, epochs)} of {epochs}")
         resources = {"cpu": self.resources.cpus, "gpu": self.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(run_trial, store_root=str(self.store.root),
@@ -336,7 +356,8 @@ class SearchRun:
             row = stored.get(key, {})
             out.trials.append({"index": cell.factors["trial"], "key": key, "status": status.get(key),
                                "values": {p: cell.factors[p] for p in self.domains},
-                               **{m: row[m] for m in (METRIC, "trial_epochs", "pruned", "cpu_hours", "trial_rung")
+                               **{m: row[m] for m in (METRIC, "trial_epochs", "pruned", "cpu_hours", "gpu_hours",
+                                                      "trial_rung")
                                   if m in row and row[m] == row[m]}})
         out.trials.sort(key=lambda t: t["index"])
         out.chosen = choose(out.trials)
@@ -344,7 +365,8 @@ class SearchRun:
         chosen = ("no trial trained every epoch: no tuned recipe" if out.chosen is None else
                   f"chose trial {out.chosen['index']} ({values_text(out.chosen['values'])}, "
                   f"{METRIC} {100 * out.chosen[METRIC]:.1f}%)")
-        self.log(f"search {label}: {spent['trials']:.0f} trials, {spent['pruned']:.0f} pruned, {spent['failed']:.0f} "
+        self.log(f"search {label}: {self.tuning.budget.progress(out.trials)}, {spent['pruned']:.0f} pruned, "
+                 f"{spent['failed']:.0f} "
                  f"failed, {spent['epochs']:.0f} epochs trained; {chosen}")
         return out
 
@@ -352,7 +374,7 @@ class SearchRun:
         how = "replayed from the database" if config["replay"] else f"{metrics['trial_wall_s']:.1f} s"
         state = (f"pruned at epoch {metrics['trial_epochs']:.0f}" if metrics["pruned"] else
                  f"all {metrics['trial_epochs']:.0f} epochs")
-        self.log(f"  [{label} trial {config['index']} ({n}/{self.tuning.budget.trials})] "
+        self.log(f"  [{label} trial {config['index']} ({n})] "
                  f"{values_text(config['values'])}: {state}, {METRIC} {100 * metrics[METRIC]:.1f}% ({how})")
 
 

@@ -36,9 +36,50 @@ UNSEARCHABLE = {"epochs": "the epochs are the scheduler's time axis (every trial
                 "eval": "the evaluation settings decide what the scheduler and the choice see"}
 
 
+MAX_TRIALS = 10_000
+BUDGET_KINDS = ("trials", "cpu_hours", "gpu_hours")
+
+
 @dataclass(frozen=True)
 class Budget:
-    trials: int = bounded(8, ge=1, le=10_000)  # per method: every method gets the same number
+    """Per method, the same for every method: a number of trials, or the CPU- or
+    GPU-hours its trials may use (held x wall time, as recorded: a search stops
+    drawing once its recorded trials reach it). Default: 8 trials."""
+    trials: int | None = bounded(None, ge=1, le=MAX_TRIALS)
+    cpu_hours: float | None = bounded(None, gt=0, le=1e6)
+    gpu_hours: float | None = bounded(None, gt=0, le=1e6)
+
+    def validate(self):
+        given = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            yield given[1], f"a budget is one of {', '.join(BUDGET_KINDS)}; this one gives {', '.join(given)}"
+
+    @property
+    def kind(self) -> str:
+        return next((k for k in BUDGET_KINDS if getattr(self, k) is not None), "trials")
+
+    @property
+    def amount(self) -> float:
+        value = getattr(self, self.kind)
+        return 8 if value is None else value
+
+    def describe(self) -> str:
+        return f"{self.amount:g} {'trials' if self.kind == 'trials' else self.kind.replace('_', '-')} per method"
+
+    def spent(self, trials: list[dict]) -> float:
+        """What ``trials`` (each with its recorded metrics) used of this budget."""
+        if self.kind == "trials":
+            return float(len(trials))
+        return float(sum(t.get(self.kind, 0.0) for t in trials))
+
+    def exhausted(self, trials: list[dict]) -> bool:
+        return len(trials) >= MAX_TRIALS or self.spent(trials) >= self.amount
+
+    def progress(self, trials: list[dict]) -> str:
+        """``3/8 trials`` or ``0.0012/0.002 cpu-hours`` (3 trials)."""
+        if self.kind == "trials":
+            return f"{len(trials)}/{self.amount:g} trials"
+        return f"{self.spent(trials):.3g}/{self.amount:g} {self.kind.replace('_', '-')} ({len(trials)} trials)"
 
 
 @dataclass(frozen=True)
