@@ -21,7 +21,7 @@ from orchestrator.execution.plan import build_plan
 from orchestrator.execution.search import searcher_class
 from orchestrator.study.expand import expand, trial_cell, tuned_cells
 from orchestrator.study.spec import load_study
-from orchestrator.study.tuning import Budget, Domain, Scheduler, choose, parse_domain, rungs
+from orchestrator.study.tuning import Budget, Domain, Scheduler, Search, choose, parse_domain, rungs
 from planted_lr import HELDOUT_PER_CLASS, PROTOCOL, UNIFIED_LR, write_planted_sets
 from rd3core.artifacts import ArtifactStore
 
@@ -38,7 +38,7 @@ design:
   kind: tuned
   space: {space}
   budget: {{trials: {trials}}}
-  search: {{algorithm: random, seed: 1000}}
+  search: {{algorithm: {algorithm}, seed: 1000}}
   scheduler: {{grace_period: {grace}, reduction_factor: 3}}
 seeds: [0, 1, 2]
 resources: {{cpus: 1}}
@@ -47,11 +47,12 @@ COMMON = {**PROTOCOL, "eval": {"interval": 5}}
 
 
 def study_text(name="tuned", dataset=f"{{name: digits, heldout_per_class: {HELDOUT_PER_CLASS}}}", methods=None,
-               space="{protocol.optim.lr: 'loguniform(1e-4, 1e-1)'}", trials=8, grace=10, common=None, **extra) -> str:
+               space="{protocol.optim.lr: 'loguniform(1e-4, 1e-1)'}", trials=8, grace=10, common=None,
+               algorithm="random", **extra) -> str:
     methods = methods or [{"name": "random_real", "ipc": 10, "native_preset": "rd3"}]
     return TUNED.format(name=name, dataset=dataset, methods="\n".join(f"  - {json.dumps(m)}" for m in methods),
                         unified_lr=UNIFIED_LR, common=json.dumps(common or COMMON), space=space, trials=trials,
-                        grace=grace, **extra)
+                        grace=grace, algorithm=algorithm, **extra)
 
 
 def write(tmp_path: Path, text: str, name: str = "tuned") -> Path:
@@ -88,6 +89,8 @@ def test_a_tuned_study_validates_into_native_and_unified_cells(tmp_path, capsys)
     (dict(space="{}"), "design.space", "expected the search space"),
     (dict(space="{protocol.optim.lr: loguniform(1e-4, 1e-1)}"), "design.space.protocol.optim.lr", "quote the domain"),
     (dict(trials=0), "design.budget.trials", ">= 1"),
+    (dict(algorithm="random, startup: 3"), "design.search.startup", "only the tpe searcher"),
+    (dict(algorithm="bayes"), "design.search.algorithm", "random"),
     (dict(trials="4, cpu_hours: 1"), "design.budget.cpu_hours", "a budget is one of trials, cpu_hours, gpu_hours"),
     (dict(trials="null, gpu_hours: -1"), "design.budget.gpu_hours", "> 0"),
     (dict(grace=0), "design.scheduler.grace_period", ">= 1"),
@@ -162,12 +165,16 @@ def test_rungs_are_the_epochs_asha_compares_at():
 # --- the searcher and the choice ------------------------------------------------
 
 
-def draws(seed: int, n: int = 6) -> list[dict]:
+def draws(seed: int, n: int = 6, algorithm: str = "random", startup: int | None = None) -> list[dict]:
+    """The searcher's trials, each told a result that peaks at lr 1e-2 (TPE follows it)."""
     domains = {"protocol.optim.lr": Domain("loguniform", (1e-4, 1e-1)), "protocol.batch_size": Domain("choice", (25, 50))}
-    searcher = searcher_class()(domains, Budget(trials=n), seed, lambda index, values: {"index": index, **values})
+    searcher = searcher_class()(domains, Budget(trials=n), Search(algorithm, seed, startup),
+                                lambda index, values: {"index": index, **values})
     out = []
     while (config := searcher.suggest(f"t{len(out)}")) != "FINISHED":
         out.append(config)
+        score = -abs(np.log10(config["protocol.optim.lr"]) + 2)
+        searcher.on_trial_complete(f"t{len(out) - 1}", {"heldout_top1": score, "epoch": 3, "trial_wall_s": 1.0})
     return out
 
 
@@ -180,15 +187,24 @@ def test_the_searcher_draws_the_budget_the_same_for_every_method_and_rerun():
     assert {type(c["protocol.batch_size"]) for c in first} == {int}  # stored and hashed as the YAML levels
 
 
+def test_tpe_is_seeded_learns_from_results_and_replays_the_same():
+    first = draws(1000, 12, "tpe", startup=3)
+    assert draws(1000, 12, "tpe", startup=3) == first  # a rerun told the same (replayed) results draws the same
+    assert draws(1001, 12, "tpe", startup=3) != first
+    assert {type(c["protocol.batch_size"]) for c in first} == {int} and len(first) == 12
+    near = lambda configs: np.mean([abs(np.log10(c["protocol.optim.lr"]) + 2) for c in configs[6:]])  # noqa: E731
+    assert near(first) < near(draws(1000, 12))  # after its startup it draws nearer the planted optimum than random
+
+
 def test_an_hours_budget_draws_until_the_recorded_hours_reach_it():
     domains = {"protocol.optim.lr": Domain("loguniform", (1e-4, 1e-1))}
-    searcher = searcher_class()(domains, Budget(cpu_hours=0.01), 0, lambda index, values: {"index": index},
+    searcher = searcher_class()(domains, Budget(cpu_hours=0.01), Search(seed=0), lambda index, values: {"index": index},
                                 cpus=2)
     walls = [5.0, 7.0, 6.0, 1.0]  # seconds; 2 CPUs: 10 + 14 + 12 = 36 s = 0.01 CPU-hours after the third
     suggested = []
     while (config := searcher.suggest(f"t{len(suggested)}")) != "FINISHED":
         suggested.append(config)
-        searcher.on_trial_complete(f"t{len(suggested)}", {"trial_wall_s": walls[len(suggested) - 1]})
+        searcher.on_trial_complete(f"t{len(suggested) - 1}", {"trial_wall_s": walls[len(suggested) - 1]})
     assert len(suggested) == 3
     assert Budget(cpu_hours=0.01).progress([{"cpu_hours": 0.004}, {"cpu_hours": 0.0061}]) == \
         "0.0101/0.01 cpu-hours (2 trials)"
@@ -416,3 +432,26 @@ def test_an_hours_budget_is_spent_equally_and_a_rerun_draws_the_same_trials(tmp_
     lines = [ln for ln in again.stdout.splitlines() if "[random_real trial" in ln]
     assert len(lines) == len(trials) and all("replayed from the database" in ln for ln in lines)
     assert "0 to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_tpe_search_resumes_from_the_database_with_the_same_trials(tmp_path):
+    path = write(tmp_path, study_text(name="tpe", algorithm="tpe, startup: 2", trials=5, grace=5,
+                                      common={**COMMON, "epochs": 10, "batch_size": 25}))
+    out = tmp_path / "out"
+    proc = run_cli("run", str(path), "--out", str(out), "--num-cpus", "2", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = trial_rows(out / "rd3.sqlite")
+    assert len(first) == 5
+    with sqlite3.connect(out / "rd3.sqlite") as con:  # the last trial lost, as if the driver died in it
+        con.execute("DELETE FROM metric WHERE cell_id = ?", (first[-1]["id"],))
+        con.execute("UPDATE cell SET status = 'running' WHERE id = ?", (first[-1]["id"],))
+        con.execute("UPDATE attempt SET status = 'running', ended_at = NULL WHERE cell_id = ?", (first[-1]["id"],))
+        config = json.loads(con.execute("SELECT config FROM cell WHERE id = ?", (first[0]["id"],)).fetchone()[0])
+    assert config["trial"]["search"] == {"algorithm": "tpe", "seed": 1000, "startup": 2}
+    again = run_cli("run", str(path), "--out", str(out), "--num-cpus", "2", timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    lines = [ln for ln in again.stdout.splitlines() if "[random_real trial" in ln]
+    assert sum("replayed from the database" in ln for ln in lines) == 4 and len(lines) == 5
+    # TPE, told the same four results, draws the same fifth trial: the same cell, trained again.
+    assert [t["cell_key"] for t in trial_rows(out / "rd3.sqlite")] == [t["cell_key"] for t in first]

@@ -46,7 +46,7 @@ from .recorder import checkout_state, provenance_fields
 from ..analysis.tuning import values_text
 from ..study.expand import Cell, trial_cell
 from ..study.spec import Study, base_protocol_dict, tuned_preset
-from ..study.tuning import METRIC, Budget, Domain, choose, rungs, space_problems
+from ..study.tuning import METRIC, TPE_STARTUP, Budget, Domain, Search, choose, rungs, space_problems
 
 # Tune's console table and its per-trial result files: the driver prints its own lines and keeps the DB.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -74,17 +74,30 @@ def searcher_class():
     from ray.tune.search import Searcher
 
     class TrialSearcher(Searcher):
-        """Random search as a Tune Searcher: ``trials`` draws from the space's
-        Tune domains with one numpy generator seeded by ``seed``; each draw
-        becomes the trial's config through ``make_trial(index, values)``."""
+        """The search's Tune Searcher. ``random``: draws from the space's Tune
+        domains with one numpy generator seeded by ``search.seed`` (the same
+        draws for every method); ``tpe``: Optuna's TPE through Tune's
+        OptunaSearch, seeded likewise, random for its first ``startup`` trials,
+        then led by each trial's last reported held-out accuracy. Each draw
+        becomes the trial's config through ``make_trial(index, values)``; it
+        stops when ``budget`` is spent."""
 
-        def __init__(self, domains: dict[str, Domain], budget: Budget, seed: int,
+        def __init__(self, domains: dict[str, Domain], budget: Budget, search: Search,
                      make_trial: Callable[[int, dict[str, Any]], dict], cpus: float = 1.0, gpus: float = 0.0):
             super().__init__(metric=METRIC, mode="max")
             self.domains = {path: tune_domain(d) for path, d in domains.items()}
             self.budget, self.make_trial = budget, make_trial
             self.cpus, self.gpus = cpus, gpus
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng(search.seed)
+            self.inner = None
+            if search.algorithm == "tpe":
+                import optuna
+                from ray.tune.search.optuna import OptunaSearch
+
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup or TPE_STARTUP)
+                self.inner = OptunaSearch(space=OptunaSearch.convert_search_space(self.domains), metric=METRIC,
+                                          mode="max", sampler=sampler)
             self.index = 0
             self.ended: list[dict] = []  # each ended trial's hours, as recorded (a replayed one: as stored)
 
@@ -93,15 +106,20 @@ def searcher_class():
             if self.budget.kind == "trials" and self.index >= self.budget.amount or \
                     self.budget.kind != "trials" and self.budget.exhausted(self.ended):
                 return Searcher.FINISHED
-            values = {path: _plain(d.sample(random_state=self.rng)) for path, d in self.domains.items()}
+            if self.inner is None:
+                values = {path: _plain(d.sample(random_state=self.rng)) for path, d in self.domains.items()}
+            else:
+                values = {path: _plain(v) for path, v in self.inner.suggest(trial_id).items()}
             config = self.make_trial(self.index, values)
             self.index += 1
             return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            # Random draws do not depend on results; an hours budget counts them (a failed trial: 0).
+            # An hours budget counts each ended trial (a failed one: 0); TPE learns from its result.
             wall = (result or {}).get("trial_wall_s", 0.0)
             self.ended.append({"cpu_hours": wall * self.cpus / 3600, "gpu_hours": wall * self.gpus / 3600})
+            if self.inner is not None:
+                self.inner.on_trial_complete(trial_id, result, error)
 
     return TrialSearcher
 
@@ -117,12 +135,15 @@ def run_trial(config: dict, store_root: str, threads: int) -> None:
 
     from .jobs import run_node
 
-    t0 = time.perf_counter()
+    # The trial's time (what an hours budget counts) is its post-evaluation's, from
+    # its first report: building the method's distilled set for the search's seed,
+    # which the first trial of a method does, is not tuning effort.
+    t0: list[float] = []
 
     def send(row: dict, replayed: bool, wall_s: float | None = None) -> None:
         numbers = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**numbers, "epoch": int(row["epoch"]), "replayed": replayed,
-                     "trial_wall_s": time.perf_counter() - t0 if wall_s is None else wall_s})
+                     "trial_wall_s": time.perf_counter() - t0[0] if wall_s is None else wall_s})
 
     if config["failed"]:
         raise TrialFailed(config["failed"])
@@ -132,6 +153,8 @@ def run_trial(config: dict, store_root: str, threads: int) -> None:
         return
 
     def progress(done: int, total: int, unit: str, **metrics: Any) -> None:
+        if not t0:  # the post-evaluation starts (stored labels, else the training loop)
+            t0.append(time.perf_counter())
         if unit == "epoch" and METRIC in metrics:
             send({**metrics, "epoch": done}, False)
 
@@ -316,7 +339,7 @@ class SearchRun:
         self.load_stored()
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=tuning.scheduler.grace_period,
                                   reduction_factor=tuning.scheduler.reduction_factor, brackets=1)
-        searcher = searcher_class()(self.domains, tuning.budget, tuning.search.seed,
+        searcher = searcher_class()(self.domains, tuning.budget, tuning.search,
                                     lambda index, values: self.make_trial(label, index, values),
                                     self.resources.cpus, self.resources.gpus)
         self.log(f"search {label}: {tuning.budget.describe()} ({tuning.search.algorithm}, seed "
@@ -324,7 +347,8 @@ class SearchRun:
         resources = {"cpu": self.resources.cpus, "gpu": self.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(run_trial, store_root=str(self.store.root),
                                                              threads=self.resources.threads), resources)
-        folder = Path(tempfile.mkdtemp(prefix="rd3-tune-"))
+        # Beside the artifact store: the folder a cluster run shares already. Removed after.
+        folder = Path(tempfile.mkdtemp(prefix=".tune-", dir=self.store.root.parent))
         try:
             tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=-1,

@@ -295,7 +295,7 @@ def trial_cell(study: Study, label: str, index: int, values: dict[str, Any]) -> 
     tuning = spec.design.tuning
     row = Row({"method": label, "protocol": TRIAL, "recipe": tuned_preset(spec), TRIAL: index, **values},
               "design.space", (tuning.search.seed,))
-    search = {"algorithm": tuning.search.algorithm, "seed": tuning.search.seed}
+    search = tuning.search.record()
     expander = _Expander(study)  # the values are protocol.<path> columns of the row: set like factor levels
     return expander.finish(expander.cells(row, extra={TRIAL: {"index": index, "search": search}}))[0]
 

@@ -37,6 +37,7 @@ UNSEARCHABLE = {"epochs": "the epochs are the scheduler's time axis (every trial
 
 
 MAX_TRIALS = 10_000
+TPE_STARTUP = 4  # random trials before TPE models the results
 BUDGET_KINDS = ("trials", "cpu_hours", "gpu_hours")
 
 
@@ -84,10 +85,22 @@ class Budget:
 
 @dataclass(frozen=True)
 class Search:
-    algorithm: Literal["random"] = "random"
+    # random: the same draws for every method; tpe: Optuna's TPE through Ray Tune,
+    # random for the first `startup` trials, then led by each method's own results.
+    algorithm: Literal["random", "tpe"] = "random"
     # Seeds the searcher's draws and trains every trial. It must not be a study
     # seed: the chosen recipes are rerun with the study's (fresh) seeds.
     seed: int = 1000
+    startup: int | None = bounded(None, ge=1, le=MAX_TRIALS)  # tpe only (default 4)
+
+    def validate(self):
+        if self.startup is not None and self.algorithm != "tpe":
+            yield "startup", f"only the tpe searcher takes startup trials (this one is {self.algorithm!r})"
+
+    def record(self) -> dict[str, Any]:
+        """What a trial's config records of its search."""
+        out = {"algorithm": self.algorithm, "seed": self.seed}
+        return out if self.algorithm == "random" else {**out, "startup": self.startup or TPE_STARTUP}
 
 
 @dataclass(frozen=True)
