@@ -89,7 +89,7 @@ def test_a_tuned_study_validates_into_native_and_unified_cells(tmp_path, capsys)
     (dict(space="{}"), "design.space", "expected the search space"),
     (dict(space="{protocol.optim.lr: loguniform(1e-4, 1e-1)}"), "design.space.protocol.optim.lr", "quote the domain"),
     (dict(trials=0), "design.budget.trials", ">= 1"),
-    (dict(algorithm="random, startup: 3"), "design.search.startup", "only the tpe searcher"),
+    (dict(algorithm="random, startup: 3"), "design.search.algorithm", "only the tpe searcher"),
     (dict(algorithm="bayes"), "design.search.algorithm", "random"),
     (dict(trials="4, cpu_hours: 1"), "design.budget.cpu_hours", "a budget is one of trials, cpu_hours, gpu_hours"),
     (dict(trials="null, gpu_hours: -1"), "design.budget.gpu_hours", "> 0"),

@@ -94,8 +94,8 @@ class Search:
     startup: int | None = bounded(None, ge=1, le=MAX_TRIALS)  # tpe only (default 4)
 
     def validate(self):
-        if self.startup is not None and self.algorithm != "tpe":
-            yield "startup", f"only the tpe searcher takes startup trials (this one is {self.algorithm!r})"
+        if self.startup is not None and self.algorithm != "tpe":  # at the searcher: startup alone is a fine value
+            yield "algorithm", f"only the tpe searcher takes startup trials (this one is {self.algorithm!r})"
 
     def record(self) -> dict[str, Any]:
         """What a trial's config records of its search."""
