@@ -41,6 +41,7 @@ from db.models import Study as StudyRow
 from rd3core.artifacts import ArtifactStore
 
 from . import failures
+from .jobprogress import fmt_duration
 from .plan import build_plan
 from .recorder import checkout_state, provenance_fields
 from ..analysis.tuning import values_text
@@ -194,6 +195,8 @@ class SearchRun:
         self.cells: dict[str, Cell] = {}
         self.stored: dict[str, tuple[list[dict], str | None, float]] = {}
         self.attempts: dict[str, int] = {}  # trial cell key -> its attempt in flight
+        self.shown: dict[str, float] = {}  # trial cell key -> when its last epoch line was printed
+        self.t_start = time.monotonic()
         self.epochs = 0
 
     def __getstate__(self) -> dict:
@@ -249,10 +252,19 @@ class SearchRun:
             self.attempts[config["key"]] = records.start_attempt(s, self.ids[config["key"]])
 
     def result(self, config: dict, rows: list[dict]) -> None:
+        """An evaluated epoch of a trial in flight: stored, and shown every EPOCH_LINE_S seconds."""
         attempt = self.attempts.get(config["key"])
-        if attempt is not None and rows:
-            with session_scope(self.engine) as s:
-                records.record_epochs(s, self.ids[config["key"]], attempt, rows[-1:])
+        if attempt is None or not rows:
+            return
+        with session_scope(self.engine) as s:
+            records.record_epochs(s, self.ids[config["key"]], attempt, rows[-1:])
+        now = time.monotonic()
+        last = self.shown.setdefault(config["key"], now)  # a short trial shows only its end line
+        if now - last >= EPOCH_LINE_S:
+            self.shown[config["key"]] = now
+            row = rows[-1]
+            self.log(f"    {config['label']} trial {config['index']}: epoch {row['epoch']:.0f}/{self.epochs}, "
+                     f"{METRIC} {100 * row[METRIC]:.1f}%, {row.get('trial_wall_s', 0):.0f} s")
 
     def completed(self, config: dict, rows: list[dict]) -> dict[str, float]:
         """The trial ended (trained every epoch, or stopped by the scheduler): its metrics, stored."""
@@ -398,10 +410,14 @@ class SearchRun:
         how = "replayed from the database" if config["replay"] else f"{metrics['trial_wall_s']:.1f} s"
         state = (f"pruned at epoch {metrics['trial_epochs']:.0f}" if metrics["pruned"] else
                  f"all {metrics['trial_epochs']:.0f} epochs")
-        self.log(f"  [{label} trial {config['index']} ({n})] "
-                 f"{values_text(config['values'])}: {state}, {METRIC} {100 * metrics[METRIC]:.1f}% ({how})")
+        budget = self.tuning.budget
+        count = f"{n}/{budget.amount:g}" if budget.kind == "trials" else f"{n}"
+        self.log(f"  [{label} trial {config['index']} ({count})] "
+                 f"{values_text(config['values'])}: {state}, {METRIC} {100 * metrics[METRIC]:.1f}% ({how}; "
+                 f"search elapsed {fmt_duration(time.monotonic() - self.t_start)})")
 
 
+EPOCH_LINE_S = 10.0  # a trial in flight shows its latest evaluated epoch at most this often
 ROW_KEYS = ("epoch", "loss", "lr", "heldout_top1", "time_s", "train_top1", "temperature", "trial_wall_s")
 
 
