@@ -455,3 +455,39 @@ def test_a_tpe_search_resumes_from_the_database_with_the_same_trials(tmp_path):
     assert sum("replayed from the database" in ln for ln in lines) == 4 and len(lines) == 5
     # TPE, told the same four results, draws the same fifth trial: the same cell, trained again.
     assert [t["cell_key"] for t in trial_rows(out / "rd3.sqlite")] == [t["cell_key"] for t in first]
+
+
+@pytest.mark.slow
+def test_a_search_stopped_by_ctrl_c_resumes_to_the_trials_of_an_uninterrupted_one(tmp_path):
+    import signal
+
+    from procs import finish, kill_all, descendants, rows, start_cli
+
+    path = write(tmp_path, study_text(name="stop", trials=6, grace=5, common={**COMMON, "epochs": 40, "batch_size": 25}))
+    out = tmp_path / "out"
+    driver = start_cli("run", str(path), "--out", str(out), "--num-cpus", "2")
+    seen = []
+    try:
+        while sum("[random_real trial" in ln for ln in seen) < 2:
+            line = driver.stdout.readline()
+            assert line, "".join(seen) + driver.stderr.read()
+            seen.append(line)
+        started = descendants(driver.pid)
+        driver.send_signal(signal.SIGINT)  # during the third trial, or between two
+        code, _, err = finish(driver, timeout=300)
+    finally:
+        kill_all(descendants(driver.pid) if driver.poll() is None else [])
+    kill_all(started)
+    assert code == 130 and "Traceback" not in err, err
+    assert not rows(out / "rd3.sqlite", "SELECT id FROM attempt WHERE status = 'running'")
+    again = run_cli("run", str(path), "--out", str(out), "--num-cpus", "2", timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    fresh = run_cli("run", str(path), "--out", str(tmp_path / "fresh"), "--num-cpus", "2", timeout=1200)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+    def trials(db):
+        return [(t["factors"]["trial"], t["cell_key"], t["status"], t["epochs"], t["metrics"]["pruned"])
+                for t in trial_rows(db)]
+
+    assert len(trials(out / "rd3.sqlite")) == 6
+    assert trials(out / "rd3.sqlite") == trials(tmp_path / "fresh" / "rd3.sqlite")
