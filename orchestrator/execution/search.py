@@ -4,7 +4,8 @@ For each method in turn, a :class:`ray.tune.Tuner` runs trials, one at a time,
 until the method's budget (``design.budget``: trials, or CPU/GPU-hours as
 recorded) is spent, drawn by :class:`TrialSearcher` (a Tune ``Searcher``:
 random draws from Tune's sampling domains, seeded by ``design.search.seed``, so
-trial *i* of every method draws the same candidate recipe) and stopped early by
+trial *i* of every method draws the same candidate recipe; or Optuna's TPE
+through Tune's ``OptunaSearch``, seeded likewise) and stopped early by
 Tune's ``ASHAScheduler`` on the held-out accuracy of each evaluated epoch. A
 trial is a post-evaluation job (orchestrator.execution.jobs.run_node) whose
 payload withholds the test split; it reports each evaluated epoch to Tune.
@@ -16,9 +17,9 @@ trial's index and searched values) with its held-out curve as epoch rows and,
 when it ends, its metrics (``heldout_top1``, ``trial_epochs``, ``trial_rung``,
 ``pruned``, ``cpu_hours``). A rerun draws the same trials; a trial already
 stored is not trained again but *replayed*: its stored curve is reported to
-Tune as it was measured, so the scheduler decides as before and the search
-continues where it stopped. Trials run one at a time so that those decisions
-do not depend on which of two concurrent trials reported first.
+Tune as it was measured, so the scheduler (and TPE) decide as before and the
+search continues where it stopped. Trials run one at a time so that those
+decisions do not depend on which of two concurrent trials reported first.
 """
 from __future__ import annotations
 
