@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.study.expand import expand, trial_cell, tuned_cells  # noqa: E402
-from orchestrator.study.tuning import space_problems  # noqa: E402
+from orchestrator.study.tuning import first_values  # noqa: E402
 from orchestrator.execution.plan import STAGES, assign_resources, build_plan  # noqa: E402
-from orchestrator.study.spec import base_protocol_dict, load_study, tuned_preset  # noqa: E402
+from orchestrator.study.spec import load_study, search_domains  # noqa: E402
 from rd3core.artifacts import ArtifactStore  # noqa: E402
 from rd3core.data import dataset_info  # noqa: E402
 from rd3core.loop import Runtime  # noqa: E402
@@ -148,10 +148,7 @@ def search_cells(study) -> list:
     its budget) and its chosen recipes' cells, each at the first value of every
     searched domain (the cost of one trial hardly depends on the values)."""
     tuning = study.spec.design.tuning
-    family = study.spec.dataset.info.family
-    preset = tuned_preset(study.spec)
-    domains, _ = space_problems(tuning, base_protocol_dict(study.spec, family, preset, preset == study.spec.protocol.preset))
-    values = {path: d.args[0] for path, d in domains.items()}
+    values = first_values(search_domains(study.spec))
     if tuning.budget.kind != "trials":  # its hours are the budget's: the estimate counts no trial
         return tuned_cells(study, {m.label: (values, "estimate") for m in study.methods})
     trials = [trial_cell(study, m.label, i, values) for m in study.methods for i in range(int(tuning.budget.amount))]

@@ -36,7 +36,7 @@ from .jobprogress import run_file, write_run_file
 from ..study.expand import Cell, expand, tuned_cells
 from .plan import Node, assign_resources, build_plan
 from .recorder import Announcing, Recorder
-from .search import SearchRun
+from .search import SearchRun, probe_cells
 from .runner import LocalExecutor, Outcome, Progress, RayExecutor, embedded_size, execute
 from ..study.spec import Study, StudyError, load_study, render
 from ..study.teachers import fetch_hub_weights, uses_hub_weights
@@ -217,6 +217,12 @@ def run_search(study: Study, engine, study_id: int, store: ArtifactStore, option
     """A tuned design's search (orchestrator.execution.search), then the cells of
     the recipes it chose; None when a method's search did not spend its budget
     (stopped: a rerun resumes it), so that no method is compared on less tuning."""
+    # First the teachers and distilled sets every method's trials share (one each,
+    # at the search's seed), with the planned resources and the progress display
+    # of any stage: a trial then trains only its post-evaluation.
+    print("stages the search's trials share:")
+    run_cells(study, probe_cells(study), {}, {}, engine, store, options, {}, time.perf_counter(),
+              stages=("teacher", "synth"))
     limits = study.spec.resources
     searches = SearchRun(study, engine, study_id, store).run(
         options.address, options.num_cpus or limits.max_cpus,
@@ -233,14 +239,20 @@ def run_search(study: Study, engine, study_id: int, store: ArtifactStore, option
 
 
 def run_cells(study: Study, todo: list[Cell], ids: dict[str, int], by_key: dict[str, Cell], engine,
-              store: ArtifactStore, options: RunOptions, failed: dict, t_start: float) -> None:
+              store: ArtifactStore, options: RunOptions, failed: dict, t_start: float,
+              stages: tuple[str, ...] | None = None) -> None:
     """Plan and execute ``todo``, committing each outcome as it arrives; cells
     that failed for good land in ``failed``. Ctrl-C / SIGTERM (Stopped) leave
-    it after recording the attempts in flight as interrupted."""
+    it after recording the attempts in flight as interrupted. ``stages``: run
+    only the plan's nodes of these stages (the artifacts a search's trials
+    share), no post-evaluation."""
     plan = assign_resources(build_plan(todo, store), study.spec.resources)
+    if stages is not None:
+        plan.nodes = {nid: n for nid, n in plan.nodes.items() if n.stage in stages}
     for stage, (need, cached) in plan.counts().items():
         print(f"  {stage:9s} {need:4d} to run, {cached:4d} cached")
-    progress = Progress(len(todo), stages={s: need for s, (need, _) in plan.counts().items()})
+    progress = Progress(0 if stages is not None else len(todo),
+                        stages={s: need for s, (need, _) in plan.counts().items()})
     recorder = Recorder(engine, store, plan, ids, {c.key: c.seed for c in todo})
     built: Counter[str] = Counter()
     jobs: list[dict] = []

@@ -47,8 +47,8 @@ from .plan import build_plan
 from .recorder import checkout_state, provenance_fields
 from ..analysis.tuning import values_text
 from ..study.expand import Cell, trial_cell
-from ..study.spec import Study, base_protocol_dict, tuned_preset
-from ..study.tuning import METRIC, TPE_STARTUP, Budget, Domain, Search, choose, rungs, space_problems
+from ..study.spec import Study, search_domains
+from ..study.tuning import METRIC, TPE_STARTUP, Budget, Domain, Search, choose, first_values, rungs
 
 # Tune's console table and its per-trial result files: the driver prints its own lines and keeps the DB.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -164,6 +164,14 @@ def run_trial(config: dict, store_root: str, threads: int) -> None:
              report=lambda stage: progress if stage == "posteval" else None)
 
 
+def probe_cells(study: Study) -> list[Cell]:
+    """One trial cell per method (its first trial at the first value of every
+    domain): the stages its plan names (teachers, the distilled set at the
+    search's seed) are those every trial of that method uses."""
+    values = first_values(search_domains(study.spec))
+    return [trial_cell(study, m.label, 0, values) for m in study.methods]
+
+
 @dataclass
 class MethodSearch:
     """What one method's search did (from the database after it ran)."""
@@ -187,10 +195,7 @@ class SearchRun:
         self.log = log or (lambda line: print(line, flush=True))
         spec = study.spec
         self.tuning = spec.design.tuning
-        preset = tuned_preset(spec)
-        family = spec.dataset.info.family
-        self.domains, _ = space_problems(self.tuning, base_protocol_dict(spec, family, preset,
-                                                                         preset == spec.protocol.preset))
+        self.domains = search_domains(spec)
         self.resources = spec.resources.for_stage("posteval")
         self.checkout = checkout_state()
         self.cells: dict[str, Cell] = {}
@@ -375,7 +380,7 @@ class SearchRun:
 
     def probe_epochs(self, label: str) -> int:
         """The trials' epochs (the scheduler's maximum): the shared protocol's, which the space cannot change."""
-        probe = trial_cell(self.study, label, 0, {p: _first(d) for p, d in self.domains.items()})
+        probe = trial_cell(self.study, label, 0, first_values(self.domains))
         self.epochs = probe.protocol.epochs
         return self.epochs
 
@@ -421,9 +426,6 @@ class SearchRun:
 EPOCH_LINE_S = 10.0  # a trial in flight shows its latest evaluated epoch at most this often
 ROW_KEYS = ("epoch", "loss", "lr", "heldout_top1", "time_s", "train_top1", "temperature", "trial_wall_s")
 
-
-def _first(domain: Domain) -> Any:
-    return domain.args[0]
 
 
 def _error_text(trial) -> str:

@@ -25,7 +25,7 @@ from rd3core.synth import METHODS
 
 from . import yamlsrc
 from .design import ARMED, DESIGN_KINDS, Design, DesignSpec, build_design
-from .tuning import space_problems
+from .tuning import Domain, space_problems
 from .factors import FactorPath, field_path_problem, level_problems, parse_factor
 from .resources import Resources, ResourcesSpec  # noqa: F401  (Resources: the per-job request)
 
@@ -470,6 +470,13 @@ def _check_design(study: Study) -> tuple[Study, list[Problem]]:
 def tuned_preset(spec: StudySpec) -> str | None:
     """The shared preset a tuned design searches around."""
     return (spec.design.unified or (spec.protocol.preset,))[0]
+
+
+def search_domains(spec: StudySpec) -> dict[str, Domain]:
+    """A (validated) tuned design's space: path -> domain."""
+    preset = tuned_preset(spec)
+    base = base_protocol_dict(spec, spec.dataset.info.family, preset, preset == spec.protocol.preset)
+    return space_problems(spec.design.tuning, base)[0]
 
 
 def _tuning_problems(spec: StudySpec, family: str, data: dict) -> list[Problem]:

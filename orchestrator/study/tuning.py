@@ -184,6 +184,11 @@ def space_problems(tuning: TuningSpec, protocol_base: dict) -> tuple[dict[str, D
     return domains, problems
 
 
+def first_values(domains: dict[str, Domain]) -> dict[str, Any]:
+    """Each domain's first value (its low end, or first level): a stand-in trial's."""
+    return {path: d.args[0] for path, d in domains.items()}
+
+
 def rungs(scheduler: Scheduler, epochs: int) -> list[int]:
     """The epochs at which ASHA compares trials (grace_period x reduction_factor^k, below the last epoch)."""
     out, t = [], scheduler.grace_period
