@@ -74,7 +74,7 @@ def search_summary(trials: pd.DataFrame, budget: Budget | None = None) -> dict[s
             if t.get("pruned") == 0 and math.isfinite(t.get(METRIC, math.nan)):
                 best = t[METRIC] if math.isnan(best) else max(best, t[METRIC])
             curve.append([spent, None if math.isnan(best) else best])
-        values = {int(r[TRIAL]): {p: _plain(r[p]) for p in paths if pd.notna(r[p])} for r in rows.to_dict("records")}
+        values = {int(r[TRIAL]): {p: plain(r[p]) for p in paths if pd.notna(r[p])} for r in rows.to_dict("records")}
         out[str(method)] = {
             "trials": len(records), "budget": budget.progress(records), "budget_spent": budget.exhausted(records),
             "done": len(done), "pruned": len(pruned),
@@ -91,7 +91,8 @@ def search_summary(trials: pd.DataFrame, budget: Budget | None = None) -> dict[s
     return out
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers, pandas columns) as Python numbers: they are hashed, stored and printed."""
     return value.item() if hasattr(value, "item") else value
 
 

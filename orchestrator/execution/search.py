@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from db import records
-from db.models import AttemptStatus, CellStatus
+from db.models import EPOCH_FLOATS, AttemptStatus, CellStatus
 from db.queries import attempts_frame, cell_status, epoch_frame, metrics_frame
 from db.session import session_scope
 from db.models import Study as StudyRow
@@ -45,7 +45,7 @@ from . import failures
 from .jobprogress import fmt_duration
 from .plan import build_plan
 from .recorder import checkout_state, provenance_fields
-from ..analysis.tuning import values_text
+from ..analysis.tuning import plain, values_text
 from ..study.expand import Cell, trial_cell
 from ..study.spec import Study, search_domains
 from ..study.tuning import METRIC, TPE_STARTUP, Budget, Domain, Search, choose, first_values, rungs
@@ -65,11 +65,6 @@ def tune_domain(domain: Domain):
     if domain.kind == "choice":
         return tune.choice(list(domain.args))
     return {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[domain.kind](*domain.args)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars from Tune's samplers as Python numbers (they are hashed and stored)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def searcher_class():
@@ -109,9 +104,9 @@ def searcher_class():
                     self.budget.kind != "trials" and self.budget.exhausted(self.ended):
                 return Searcher.FINISHED
             if self.inner is None:
-                values = {path: _plain(d.sample(random_state=self.rng)) for path, d in self.domains.items()}
+                values = {path: plain(d.sample(random_state=self.rng)) for path, d in self.domains.items()}
             else:
-                values = {path: _plain(v) for path, v in self.inner.suggest(trial_id).items()}
+                values = {path: plain(v) for path, v in self.inner.suggest(trial_id).items()}
             config = self.make_trial(self.index, values)
             self.index += 1
             return config
@@ -200,6 +195,7 @@ class SearchRun:
         self.checkout = checkout_state()
         self.cells: dict[str, Cell] = {}
         self.stored: dict[str, tuple[list[dict], str | None, float]] = {}
+        self.ids: dict[str, int] = {}  # cell key -> row id, as sync_cells last returned
         self.attempts: dict[str, int] = {}  # trial cell key -> its attempt in flight
         self.shown: dict[str, float] = {}  # trial cell key -> when its last epoch line was printed
         self.t_start = time.monotonic()
@@ -424,7 +420,7 @@ class SearchRun:
 
 
 EPOCH_LINE_S = 10.0  # a trial in flight shows its latest evaluated epoch at most this often
-ROW_KEYS = ("epoch", "loss", "lr", "heldout_top1", "time_s", "train_top1", "temperature", "trial_wall_s")
+ROW_KEYS = ("epoch", *EPOCH_FLOATS, "trial_wall_s")  # what an epoch row stores, and the trial's clock
 
 
 
